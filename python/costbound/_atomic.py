@@ -1,0 +1,41 @@
+"""The lock-free reference budgets, backed by Rust atomics."""
+
+from __future__ import annotations
+
+from costbound import _native
+
+__all__ = ["AtomicBudget", "AtomicTokenBudget"]
+
+
+class AtomicBudget(_native.AtomicBudget):
+    """A lock-free budget of unit costs (rows, requests, queue slots): a ``BudgetGuard``.
+
+    ``capacity`` is an int in ``0..=2**64-1``. Every member is safe from any number of threads
+    and event loops; the async methods complete without a turn of the event loop::
+
+        >>> b = AtomicBudget(100)
+        >>> b.try_reserve_sync(60), b.try_reserve_sync(60)
+        (True, False)
+        >>> b.release_sync(60); b.available
+        100
+    """
+
+    __slots__ = ()
+
+
+class AtomicTokenBudget(_native.AtomicTokenBudget):
+    """A lock-free token budget with debt: a ``TokenBudget``.
+
+    Reserve an estimate, call the model, then ``record_usage`` with the provider's totals: the
+    difference is refunded, or charged as an overage that becomes ``debt`` when it exceeds what
+    is available. A reservation dropped unrecorded refunds its estimate. ``capacity`` is an int
+    in ``0..=2**63-1``::
+
+        >>> tb = AtomicTokenBudget(1_000)
+        >>> r = tb.try_reserve_tokens_sync(400)
+        >>> tb.record_usage_sync(r, 120, 80)
+        >>> tb.available, tb.consumed
+        (800, 200)
+    """
+
+    __slots__ = ()

@@ -1,0 +1,19 @@
+//! The pure core: budgets as atomic words, with no knowledge of Python.
+//!
+//! * [`UnitBudget`]: symmetric reserve/release of unit costs in one `AtomicU64`.
+//! * [`TokenLedger`]: optimistic token accounting in one signed balance word
+//!   (available minus debt) and a consumed counter.
+//! * [`Hold`]: one token reservation's single-use claim on its ledger, which it
+//!   reaches through a `Weak` so that it never keeps a budget alive.
+
+mod hold;
+mod sync;
+mod token;
+mod unit;
+
+pub use hold::{Hold, RecordError};
+pub use token::{MAX_TOKEN_CAPACITY, TokenLedger};
+pub use unit::UnitBudget;
+
+#[cfg(all(test, loom))]
+mod loom_models;

@@ -1,0 +1,53 @@
+//! Integer arguments: exact `int`s (and objects with `__index__`, such as NumPy integers),
+//! never `bool` or `float`, with `ValueError` rather than PyO3's `OverflowError` out of range.
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyInt};
+
+use super::error::Error;
+
+/// Reads `value` as an integer in `0..=max`; `name` is the argument named in the error.
+pub(crate) fn to_u64(value: &Bound<'_, PyAny>, name: &'static str, max: u64) -> PyResult<u64> {
+    if let Ok(int) = value.cast::<PyInt>() {
+        if value.is_instance_of::<PyBool>() {
+            return Err(not_an_int(value, name));
+        }
+        return in_range(int, name, max);
+    }
+    // Any other integer type (a NumPy integer, say) offers `__index__`.
+    let Ok(index) = value.call_method0(pyo3::intern!(value.py(), "__index__")) else {
+        return Err(not_an_int(value, name));
+    };
+    let int = index
+        .cast_into::<PyInt>()
+        .map_err(|_| not_an_int(value, name))?;
+    in_range(&int, name, max)
+}
+
+fn in_range(int: &Bound<'_, PyInt>, name: &'static str, max: u64) -> PyResult<u64> {
+    match int.extract::<u64>() {
+        Ok(n) if n <= max => Ok(n),
+        _ => Err(Error::OutOfRange {
+            name,
+            max,
+            got: int.to_string(),
+        }
+        .into()),
+    }
+}
+
+fn not_an_int(value: &Bound<'_, PyAny>, name: &'static str) -> PyErr {
+    Error::NotAnInt {
+        name,
+        type_name: type_name(value),
+    }
+    .into()
+}
+
+/// The qualified name of `value`'s type, for error messages.
+pub(crate) fn type_name(value: &Bound<'_, PyAny>) -> String {
+    value
+        .get_type()
+        .qualname()
+        .map_or_else(|_| "object".to_owned(), |n| n.to_string())
+}

@@ -1,0 +1,25 @@
+//! The PyO3 binding layer: converts arguments, results and errors, and nothing else.
+//! Policy lives in [`crate::core`]; everything naturally Python lives in `python/costbound`.
+
+mod args;
+mod error;
+mod ready;
+mod token;
+mod unit;
+
+use pyo3::prelude::*;
+
+/// `costbound._native`: the lock-free budgets. Import `costbound`, not this module.
+#[pymodule(gil_used = false)]
+#[pyo3(name = "_native")]
+fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<unit::AtomicBudgetPy>()?;
+    m.add_class::<token::AtomicTokenBudgetPy>()?;
+    m.add_class::<token::ReservationPy>()?;
+    m.add_class::<token::NativeRefundPy>()?;
+    m.add_class::<ready::Ready>()?;
+    m.add_function(wrap_pyfunction!(token::register_reservation_type, m)?)?;
+    m.add("MAX_UNITS", u64::MAX)?;
+    m.add("MAX_TOKEN_CAPACITY", crate::core::MAX_TOKEN_CAPACITY)?;
+    Ok(())
+}

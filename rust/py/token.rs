@@ -1,0 +1,417 @@
+//! `AtomicTokenBudget` and the native side of `TokenReservation`.
+//!
+//! A reservation is an instance of `costbound.TokenReservation`, a Python subclass of
+//! [`ReservationPy`] registered once at import. Its refund is either a native [`Hold`] (the
+//! budget's ledger through a `Weak`, claimed once, pure atomics) or a Python callable.
+
+use std::cell::Cell;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use pyo3::gc::PyVisit;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyTuple, PyType};
+use pyo3::{PyTraverseError, PyTypeInfo};
+
+use super::args::{to_u64, type_name};
+use super::error::Error;
+use super::ready::Ready;
+use crate::core::{Hold, MAX_TOKEN_CAPACITY, RecordError, TokenLedger};
+
+/// A lock-free token budget with debt. Subclassed by `costbound.AtomicTokenBudget`.
+#[pyclass(
+    frozen,
+    subclass,
+    module = "costbound._native",
+    name = "AtomicTokenBudget"
+)]
+pub(crate) struct AtomicTokenBudgetPy {
+    ledger: Arc<TokenLedger>,
+}
+
+#[pymethods]
+impl AtomicTokenBudgetPy {
+    #[new]
+    fn new(capacity: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let capacity = to_u64(capacity, "capacity", MAX_TOKEN_CAPACITY)?;
+        Ok(Self {
+            ledger: Arc::new(TokenLedger::new(capacity)),
+        })
+    }
+
+    /// The capacity given at construction.
+    #[getter]
+    fn capacity(&self) -> u64 {
+        self.ledger.capacity()
+    }
+
+    /// Tokens available now; `0` while in debt.
+    #[getter]
+    fn available(&self) -> u64 {
+        self.ledger.available()
+    }
+
+    /// Overage not yet covered by refunds or refills.
+    #[getter]
+    fn debt(&self) -> u64 {
+        self.ledger.debt()
+    }
+
+    /// Prompt + completion tokens recorded since construction.
+    #[getter]
+    fn consumed(&self) -> u64 {
+        self.ledger.consumed()
+    }
+
+    /// Adds `capacity` to the balance, capped at `capacity`: pays any debt first.
+    fn refill(&self) {
+        self.ledger.refill();
+    }
+
+    /// An armed reservation of `estimate` tokens, or `None` (and no change) if it does not fit.
+    fn try_reserve_tokens_sync<'py>(
+        &self,
+        py: Python<'py>,
+        estimate: &Bound<'py, PyAny>,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let estimate = to_u64(estimate, "estimate", u64::MAX)?;
+        Hold::try_reserve(&self.ledger, estimate)
+            .map(|hold| issue_reservation(py, hold))
+            .transpose()
+    }
+
+    /// Disarms `reservation` and settles it against `prompt + completion` tokens.
+    fn record_usage_sync(
+        &self,
+        py: Python<'_>,
+        reservation: &Bound<'_, PyAny>,
+        prompt: &Bound<'_, PyAny>,
+        completion: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        let prompt = to_u64(prompt, "prompt", u64::MAX)?;
+        let completion = to_u64(completion, "completion", u64::MAX)?;
+        let reservation = reservation
+            .cast::<ReservationPy>()
+            .map_err(|_| Error::WrongType {
+                name: "reservation",
+                expected: "a TokenReservation",
+                type_name: type_name(reservation),
+            })?;
+        match &reservation.get().refund {
+            Refund::Native(hold) => hold
+                .record(&self.ledger, prompt, completion)
+                .map_err(Error::from)?,
+            Refund::Python(slot) => {
+                // A reservation built around a refund handle this budget issued (one taken
+                // with `disarm()`) is recognised by that handle.
+                let mut slot = lock(slot);
+                let Some(refund) = slot.as_ref() else {
+                    return Err(Error::from(RecordError::AlreadyReconciled).into());
+                };
+                let Ok(handle) = refund.bind(py).cast::<NativeRefundPy>() else {
+                    return Err(Error::from(RecordError::Foreign).into());
+                };
+                let result = handle.get().hold.record(&self.ledger, prompt, completion);
+                if result != Err(RecordError::Foreign) {
+                    *slot = None;
+                }
+                result.map_err(Error::from)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Tokens recorded since construction (the same value as `consumed`).
+    fn tokens_consumed_sync(&self) -> u64 {
+        self.ledger.consumed()
+    }
+
+    /// `try_reserve_tokens_sync` as an awaitable; the decision is made when called.
+    fn try_reserve_tokens(
+        &self,
+        py: Python<'_>,
+        estimate: &Bound<'_, PyAny>,
+    ) -> PyResult<Py<Ready>> {
+        match self.try_reserve_tokens_sync(py, estimate)? {
+            Some(reservation) => Ready::of(py, reservation.unbind()),
+            None => Ok(Ready::none(py)),
+        }
+    }
+
+    /// `record_usage_sync` as an awaitable; the usage is recorded when called.
+    fn record_usage(
+        &self,
+        py: Python<'_>,
+        reservation: &Bound<'_, PyAny>,
+        prompt: &Bound<'_, PyAny>,
+        completion: &Bound<'_, PyAny>,
+    ) -> PyResult<Py<Ready>> {
+        self.record_usage_sync(py, reservation, prompt, completion)?;
+        Ok(Ready::none(py))
+    }
+
+    /// `consumed` as an awaitable.
+    fn tokens_consumed(&self, py: Python<'_>) -> PyResult<Py<Ready>> {
+        Ready::of(
+            py,
+            self.ledger
+                .consumed()
+                .into_pyobject(py)?
+                .into_any()
+                .unbind(),
+        )
+    }
+
+    fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {
+        let ledger = &slf.get().ledger;
+        Ok(format!(
+            "{}(capacity={}, available={}, debt={}, consumed={})",
+            slf.get_type().qualname()?,
+            ledger.capacity(),
+            ledger.available(),
+            ledger.debt(),
+            ledger.consumed()
+        ))
+    }
+}
+
+/// The native base of `costbound.TokenReservation`: an estimate and its single-use refund.
+#[pyclass(frozen, subclass, module = "costbound._native", name = "Reservation")]
+pub(crate) struct ReservationPy {
+    estimate: u64,
+    refund: Refund,
+}
+
+enum Refund {
+    /// Issued by a native budget: the claim on its ledger.
+    Native(Hold),
+    /// Given by Python code (a custom backend); `None` once taken.
+    Python(Mutex<Option<Py<PyAny>>>),
+}
+
+fn lock<T>(slot: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while the lock is held, but a poisoned slot is still a valid slot.
+    slot.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[pymethods]
+impl ReservationPy {
+    #[new]
+    fn new(
+        py: Python<'_>,
+        estimate: &Bound<'_, PyAny>,
+        refund: &Bound<'_, PyAny>,
+    ) -> PyResult<Self> {
+        if refund.is(issuing_marker(py)) {
+            if let Some(hold) = ISSUING.with(Cell::take) {
+                return Ok(Self {
+                    estimate: hold.estimate(),
+                    refund: Refund::Native(hold),
+                });
+            }
+        }
+        let estimate = to_u64(estimate, "estimate", u64::MAX)?;
+        if !refund.is_callable() {
+            return Err(Error::NotCallable {
+                name: "refund",
+                type_name: type_name(refund),
+            }
+            .into());
+        }
+        Ok(Self {
+            estimate,
+            refund: Refund::Python(Mutex::new(Some(refund.clone().unbind()))),
+        })
+    }
+
+    /// The number of tokens reserved.
+    #[getter]
+    fn estimate(&self) -> u64 {
+        self.estimate
+    }
+
+    /// `False` once the reservation was recorded, disarmed or refunded.
+    #[getter]
+    fn armed(&self) -> bool {
+        match &self.refund {
+            Refund::Native(hold) => hold.is_armed(),
+            Refund::Python(slot) => lock(slot).is_some(),
+        }
+    }
+
+    /// Takes the refund away and returns it (`None` if already disarmed): the reservation will
+    /// not refund itself when dropped, and the caller now owns the refund.
+    fn disarm(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        match &self.refund {
+            Refund::Native(hold) => hold
+                .take()
+                .map(|hold| Ok(Py::new(py, NativeRefundPy { hold })?.into_any()))
+                .transpose(),
+            Refund::Python(slot) => Ok(lock(slot).take()),
+        }
+    }
+
+    /// Calls the refund with the estimate if the reservation is still armed: the finaliser of
+    /// `TokenReservation`, which Python runs when the last reference goes or a cycle is collected.
+    /// A refund that raises propagates to the interpreter, which reports it as unraisable.
+    #[pyo3(name = "__del__")]
+    fn refund_if_armed(&self, py: Python<'_>) -> PyResult<()> {
+        match &self.refund {
+            Refund::Native(hold) => {
+                hold.refund();
+            }
+            Refund::Python(slot) => {
+                let refund = lock(slot).take();
+                if let Some(refund) = refund {
+                    refund.call1(py, (self.estimate,))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        if let Refund::Python(slot) = &self.refund {
+            // The lock is never held across a call into Python, so it is free during a
+            // collection; skipping a visit would only keep an object alive longer.
+            if let Ok(refund) = slot.try_lock() {
+                visit.call(&*refund)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn __clear__(&self) {
+        if let Refund::Python(slot) = &self.refund {
+            let refund = lock(slot).take();
+            drop(refund);
+        }
+    }
+
+    fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {
+        let this = slf.get();
+        Ok(format!(
+            "{}(estimate={}, armed={})",
+            slf.get_type().qualname()?,
+            this.estimate,
+            if this.armed() { "True" } else { "False" }
+        ))
+    }
+}
+
+impl Drop for ReservationPy {
+    /// A backstop: `__del__` normally refunds first, and a hold refunds at most once.
+    fn drop(&mut self) {
+        if let Refund::Native(hold) = &self.refund {
+            hold.refund();
+        }
+    }
+}
+
+/// The refund a native budget's reservation gives up on `disarm()`: a single-use callable that
+/// returns tokens to the budget's ledger through a `Weak` (nothing if the budget is gone).
+#[pyclass(frozen, module = "costbound._native", name = "NativeRefund")]
+pub(crate) struct NativeRefundPy {
+    hold: Hold,
+}
+
+#[pymethods]
+impl NativeRefundPy {
+    /// Refunds `amount` tokens (at most the estimate) the first time; later calls do nothing.
+    fn __call__(&self, amount: &Bound<'_, PyAny>) -> PyResult<()> {
+        let amount = to_u64(amount, "amount", self.hold.estimate())?;
+        self.hold.refund_amount(amount);
+        Ok(())
+    }
+
+    /// The estimate this refund gives back.
+    #[getter]
+    fn estimate(&self) -> u64 {
+        self.hold.estimate()
+    }
+
+    /// Whether calling it would still refund.
+    #[getter]
+    fn armed(&self) -> bool {
+        self.hold.is_armed()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "NativeRefund(estimate={}, armed={})",
+            self.hold.estimate(),
+            if self.hold.is_armed() {
+                "True"
+            } else {
+                "False"
+            }
+        )
+    }
+}
+
+/// Marks a `Reservation.__new__` call made by [`issue_reservation`]; never exposed.
+#[pyclass(frozen)]
+struct IssuingMarker;
+
+static ISSUING_MARKER: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+static ISSUING_ARGS: PyOnceLock<Py<PyTuple>> = PyOnceLock::new();
+static RESERVATION_TYPE: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+
+thread_local! {
+    /// The hold that the `Reservation.__new__` call in progress on this thread adopts.
+    static ISSUING: Cell<Option<Hold>> = const { Cell::new(None) };
+}
+
+fn issuing_marker(py: Python<'_>) -> &Bound<'_, PyAny> {
+    ISSUING_MARKER
+        .get_or_init(py, || {
+            Py::new(py, IssuingMarker)
+                .expect("allocating the issuing marker")
+                .into_any()
+        })
+        .bind(py)
+}
+
+/// Wraps a granted hold in a `TokenReservation` without running any Python code: the hold is
+/// passed to `Reservation.__new__` through a thread-local, and the constructor is called with
+/// cached arguments, so issuing allocates nothing but the reservation itself.
+fn issue_reservation(py: Python<'_>, hold: Hold) -> PyResult<Bound<'_, PyAny>> {
+    let kind = RESERVATION_TYPE
+        .get(py)
+        .map_or_else(|| ReservationPy::type_object(py), |t| t.bind(py).clone());
+    let args = ISSUING_ARGS.get_or_init(py, || {
+        let marker = issuing_marker(py);
+        PyTuple::new(py, [marker, marker])
+            .expect("building the issuing arguments")
+            .unbind()
+    });
+    ISSUING.with(|cell| cell.set(Some(hold)));
+    let kind_ptr = kind.as_type_ptr();
+    // SAFETY: `kind` is `Reservation` or a registered subclass of it, whose `tp_new` is the
+    // one PyO3 generated for `Reservation`; `args` is a valid tuple and no kwargs are passed.
+    let issued = unsafe {
+        let new = (*kind_ptr).tp_new.expect("Reservation defines __new__");
+        Bound::from_owned_ptr_or_err(py, new(kind_ptr, args.as_ptr(), std::ptr::null_mut()))
+    };
+    // If `__new__` failed before adopting the hold, its estimate goes back at once.
+    if let Some(hold) = ISSUING.with(Cell::take) {
+        hold.refund();
+    }
+    issued
+}
+
+/// Makes the native budgets issue instances of `cls` (`costbound.TokenReservation`), a
+/// subclass of `Reservation`. The first registration stays in force.
+#[pyfunction]
+pub(crate) fn register_reservation_type(cls: &Bound<'_, PyType>) -> PyResult<()> {
+    if !cls.is_subclass_of::<ReservationPy>()? {
+        return Err(Error::WrongType {
+            name: "cls",
+            expected: "a subclass of Reservation",
+            type_name: cls.qualname()?.to_string(),
+        }
+        .into());
+    }
+    let _ = RESERVATION_TYPE.set(cls.py(), cls.clone().unbind());
+    Ok(())
+}

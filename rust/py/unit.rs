@@ -1,0 +1,79 @@
+//! `AtomicBudget`: unit costs reserved and released symmetrically.
+
+use pyo3::prelude::*;
+
+use super::args::to_u64;
+use super::ready::Ready;
+use crate::core::UnitBudget;
+
+/// A lock-free budget of unit costs (rows, requests, queue slots). Subclassed by
+/// `costbound.AtomicBudget`, which is what users construct.
+#[pyclass(frozen, subclass, module = "costbound._native", name = "AtomicBudget")]
+pub(crate) struct AtomicBudgetPy {
+    core: UnitBudget,
+}
+
+#[pymethods]
+impl AtomicBudgetPy {
+    #[new]
+    fn new(capacity: &Bound<'_, PyAny>) -> PyResult<Self> {
+        Ok(Self {
+            core: UnitBudget::new(to_u64(capacity, "capacity", u64::MAX)?),
+        })
+    }
+
+    /// The capacity given at construction.
+    #[getter]
+    fn capacity(&self) -> u64 {
+        self.core.capacity()
+    }
+
+    /// Units available now.
+    #[getter]
+    fn available(&self) -> u64 {
+        self.core.available()
+    }
+
+    /// `(capacity - available) / capacity`, in `[0, 1]`; `0.0` when capacity is 0.
+    #[getter]
+    fn utilization(&self) -> f64 {
+        self.core.utilization()
+    }
+
+    /// Restores `available` to `capacity`.
+    fn refill(&self) {
+        self.core.refill();
+    }
+
+    /// Takes `cost` units if available; `False` (and no change) otherwise.
+    fn try_reserve_sync(&self, cost: &Bound<'_, PyAny>) -> PyResult<bool> {
+        Ok(self.core.try_reserve(to_u64(cost, "cost", u64::MAX)?))
+    }
+
+    /// Gives `cost` units back; `available` never exceeds `capacity`.
+    fn release_sync(&self, cost: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.core.release(to_u64(cost, "cost", u64::MAX)?);
+        Ok(())
+    }
+
+    /// `try_reserve_sync` as an awaitable; the decision is made when called.
+    fn try_reserve(&self, py: Python<'_>, cost: &Bound<'_, PyAny>) -> PyResult<Py<Ready>> {
+        Ok(Ready::of_bool(py, self.try_reserve_sync(cost)?))
+    }
+
+    /// `release_sync` as an awaitable; the units are given back when called.
+    fn release(&self, py: Python<'_>, cost: &Bound<'_, PyAny>) -> PyResult<Py<Ready>> {
+        self.release_sync(cost)?;
+        Ok(Ready::none(py))
+    }
+
+    fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {
+        let core = &slf.get().core;
+        Ok(format!(
+            "{}(capacity={}, available={})",
+            slf.get_type().qualname()?,
+            core.capacity(),
+            core.available()
+        ))
+    }
+}
