@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
+
 from costbound import _native
 
 __all__ = ["AtomicBudget", "AtomicTokenBudget"]
+
+# The async methods return a native awaitable that completes in one step and has the whole
+# coroutine interface; registered, it is accepted wherever asyncio wants a coroutine
+# (``asyncio.create_task``).
+Coroutine.register(_native.Awaitable)
 
 
 class AtomicBudget(_native.AtomicBudget):

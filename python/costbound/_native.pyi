@@ -1,7 +1,7 @@
 """Stubs of ``costbound._native``, the PyO3 extension. Import ``costbound`` instead."""
 
 from collections.abc import Generator
-from typing import Any, Final, Generic, TypeVar, final
+from typing import Any, Final, Generic, NoReturn, TypeVar, final
 
 from typing_extensions import disjoint_base
 
@@ -12,8 +12,8 @@ __all__ = [
     "MAX_UNITS",
     "AtomicBudget",
     "AtomicTokenBudget",
+    "Awaitable",
     "NativeRefund",
-    "Ready",
     "Reservation",
     "register_reservation_type",
 ]
@@ -24,13 +24,17 @@ MAX_UNITS: Final[int]
 MAX_TOKEN_CAPACITY: Final[int]
 
 @final
-class Ready(Generic[_T_co]):
-    """A completed awaitable: ``await`` returns its value without suspending."""
+class Awaitable(Generic[_T_co]):
+    """What the async methods return: awaiting it never suspends."""
 
     def __await__(self) -> Generator[Any, Any, _T_co]: ...
     def __iter__(self) -> Generator[Any, Any, _T_co]: ...
-    def __next__(self) -> Any: ...
-    def send(self, value: object) -> Any: ...
+    def __next__(self) -> NoReturn: ...
+    def send(self, value: object) -> NoReturn: ...
+    def throw(
+        self, exception: object, value: object = None, traceback: object = None
+    ) -> NoReturn: ...
+    def close(self) -> None: ...
 
 @disjoint_base
 class AtomicBudget:

@@ -2,8 +2,8 @@
 //! Policy lives in [`crate::core`]; everything naturally Python lives in `python/costbound`.
 
 mod args;
+mod awaitable;
 mod error;
-mod ready;
 mod token;
 mod unit;
 
@@ -17,7 +17,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<token::AtomicTokenBudgetPy>()?;
     m.add_class::<token::ReservationPy>()?;
     m.add_class::<token::NativeRefundPy>()?;
-    m.add_class::<ready::Ready>()?;
+    m.add_class::<awaitable::Awaitable>()?;
     m.add_function(wrap_pyfunction!(token::register_reservation_type, m)?)?;
     m.add("MAX_UNITS", u64::MAX)?;
     m.add("MAX_TOKEN_CAPACITY", crate::core::MAX_TOKEN_CAPACITY)?;

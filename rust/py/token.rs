@@ -14,8 +14,8 @@ use pyo3::types::{PyTuple, PyType};
 use pyo3::{PyTraverseError, PyTypeInfo};
 
 use super::args::{to_u64, type_name};
+use super::awaitable::{Awaitable, Grant};
 use super::error::Error;
-use super::ready::Ready;
 use crate::core::{Hold, MAX_TOKEN_CAPACITY, RecordError, TokenLedger};
 
 /// A lock-free token budget with debt. Subclassed by `costbound.AtomicTokenBudget`.
@@ -27,6 +27,19 @@ use crate::core::{Hold, MAX_TOKEN_CAPACITY, RecordError, TokenLedger};
 )]
 pub(crate) struct AtomicTokenBudgetPy {
     ledger: Arc<TokenLedger>,
+}
+
+impl AtomicTokenBudgetPy {
+    /// An armed reservation of `estimate`, or `None` if it does not fit.
+    pub(crate) fn reserve_tokens<'py>(
+        &self,
+        py: Python<'py>,
+        estimate: u64,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
+        Hold::try_reserve(&self.ledger, estimate)
+            .map(|hold| issue_reservation(py, hold))
+            .transpose()
+    }
 }
 
 #[pymethods]
@@ -74,10 +87,7 @@ impl AtomicTokenBudgetPy {
         py: Python<'py>,
         estimate: &Bound<'py, PyAny>,
     ) -> PyResult<Option<Bound<'py, PyAny>>> {
-        let estimate = to_u64(estimate, "estimate", u64::MAX)?;
-        Hold::try_reserve(&self.ledger, estimate)
-            .map(|hold| issue_reservation(py, hold))
-            .transpose()
+        self.reserve_tokens(py, to_u64(estimate, "estimate", u64::MAX)?)
     }
 
     /// Disarms `reservation` and settles it against `prompt + completion` tokens.
@@ -126,40 +136,33 @@ impl AtomicTokenBudgetPy {
         self.ledger.consumed()
     }
 
-    /// `try_reserve_tokens_sync` as an awaitable; the decision is made when called.
+    /// `try_reserve_tokens_sync` as an awaitable. The argument is checked when called; the
+    /// tokens are reserved when it is awaited, as a coroutine would.
     fn try_reserve_tokens(
-        &self,
-        py: Python<'_>,
+        slf: &Bound<'_, Self>,
         estimate: &Bound<'_, PyAny>,
-    ) -> PyResult<Py<Ready>> {
-        match self.try_reserve_tokens_sync(py, estimate)? {
-            Some(reservation) => Ready::of(py, reservation.unbind()),
-            None => Ok(Ready::none(py)),
-        }
+    ) -> PyResult<Py<Awaitable>> {
+        let estimate = to_u64(estimate, "estimate", u64::MAX)?;
+        Awaitable::deferred(slf.py(), Grant::Tokens(slf.clone().unbind(), estimate))
     }
 
-    /// `record_usage_sync` as an awaitable; the usage is recorded when called.
+    /// `record_usage_sync` as an awaitable. The usage is recorded when called, so a recording
+    /// is never lost to a cancellation.
     fn record_usage(
         &self,
         py: Python<'_>,
         reservation: &Bound<'_, PyAny>,
         prompt: &Bound<'_, PyAny>,
         completion: &Bound<'_, PyAny>,
-    ) -> PyResult<Py<Ready>> {
+    ) -> PyResult<Py<Awaitable>> {
         self.record_usage_sync(py, reservation, prompt, completion)?;
-        Ok(Ready::none(py))
+        Ok(Awaitable::none(py))
     }
 
-    /// `consumed` as an awaitable.
-    fn tokens_consumed(&self, py: Python<'_>) -> PyResult<Py<Ready>> {
-        Ready::of(
-            py,
-            self.ledger
-                .consumed()
-                .into_pyobject(py)?
-                .into_any()
-                .unbind(),
-        )
+    /// `consumed` as an awaitable, read when called.
+    fn tokens_consumed(&self, py: Python<'_>) -> PyResult<Py<Awaitable>> {
+        let consumed = self.ledger.consumed().into_pyobject(py)?.into_any();
+        Awaitable::ready(py, consumed.unbind())
     }
 
     fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {
@@ -385,7 +388,9 @@ fn issue_reservation(py: Python<'_>, hold: Hold) -> PyResult<Bound<'_, PyAny>> {
             .expect("building the issuing arguments")
             .unbind()
     });
-    ISSUING.with(|cell| cell.set(Some(hold)));
+    if let Some(stale) = ISSUING.with(|cell| cell.replace(Some(hold))) {
+        stale.refund(); // unreachable in practice: every issue takes its own hold back
+    }
     let kind_ptr = kind.as_type_ptr();
     // SAFETY: `kind` is `Reservation` or a registered subclass of it, whose `tp_new` is the
     // one PyO3 generated for `Reservation`; `args` is a valid tuple and no kwargs are passed.

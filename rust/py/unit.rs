@@ -3,7 +3,7 @@
 use pyo3::prelude::*;
 
 use super::args::to_u64;
-use super::ready::Ready;
+use super::awaitable::{Awaitable, Grant};
 use crate::core::UnitBudget;
 
 /// A lock-free budget of unit costs (rows, requests, queue slots). Subclassed by
@@ -11,6 +11,13 @@ use crate::core::UnitBudget;
 #[pyclass(frozen, subclass, module = "costbound._native", name = "AtomicBudget")]
 pub(crate) struct AtomicBudgetPy {
     core: UnitBudget,
+}
+
+impl AtomicBudgetPy {
+    /// The grant an awaited `try_reserve` makes.
+    pub(crate) fn reserve_units(&self, cost: u64) -> bool {
+        self.core.try_reserve(cost)
+    }
 }
 
 #[pymethods]
@@ -56,15 +63,18 @@ impl AtomicBudgetPy {
         Ok(())
     }
 
-    /// `try_reserve_sync` as an awaitable; the decision is made when called.
-    fn try_reserve(&self, py: Python<'_>, cost: &Bound<'_, PyAny>) -> PyResult<Py<Ready>> {
-        Ok(Ready::of_bool(py, self.try_reserve_sync(cost)?))
+    /// `try_reserve_sync` as an awaitable. The argument is checked when called; the units are
+    /// taken when it is awaited, so a task cancelled before it starts takes nothing.
+    fn try_reserve(slf: &Bound<'_, Self>, cost: &Bound<'_, PyAny>) -> PyResult<Py<Awaitable>> {
+        let cost = to_u64(cost, "cost", u64::MAX)?;
+        Awaitable::deferred(slf.py(), Grant::Units(slf.clone().unbind(), cost))
     }
 
-    /// `release_sync` as an awaitable; the units are given back when called.
-    fn release(&self, py: Python<'_>, cost: &Bound<'_, PyAny>) -> PyResult<Py<Ready>> {
+    /// `release_sync` as an awaitable. The units are given back when called, so a release is
+    /// never lost to a cancellation.
+    fn release(&self, py: Python<'_>, cost: &Bound<'_, PyAny>) -> PyResult<Py<Awaitable>> {
         self.release_sync(cost)?;
-        Ok(Ready::none(py))
+        Ok(Awaitable::none(py))
     }
 
     fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {

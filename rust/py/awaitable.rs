@@ -1,0 +1,165 @@
+//! The awaitables the async methods return: no event-loop turn, no Python frame.
+
+use pyo3::exceptions::{PyBaseException, PyRuntimeError, PyStopIteration};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::PyBool;
+
+use super::token::AtomicTokenBudgetPy;
+use super::unit::AtomicBudgetPy;
+
+/// What an async budget method returns. Awaiting it never suspends, so it works on every event
+/// loop (and with `yield from` on Python 3.10 and 3.11). It has the whole coroutine interface
+/// (`send`, `throw`, `close`), and the Python package registers it as a
+/// `collections.abc.Coroutine`, so `asyncio.create_task` accepts it too.
+#[pyclass(frozen, module = "costbound._native", name = "Awaitable")]
+pub(crate) struct Awaitable {
+    outcome: Outcome,
+}
+
+enum Outcome {
+    /// Decided when the method was called (a release, a recording): any number of awaits
+    /// return the value. Those for `True`, `False` and `None` are shared.
+    Ready(Py<PyAny>),
+    /// A grant, made on the first step as a coroutine would make it: an awaitable that is
+    /// never awaited, or a task cancelled before it starts, takes nothing.
+    Deferred { started: AtomicBool, grant: Grant },
+}
+
+/// A reservation to attempt on the first step.
+pub(crate) enum Grant {
+    Units(Py<AtomicBudgetPy>, u64),
+    Tokens(Py<AtomicTokenBudgetPy>, u64),
+}
+
+static READY_NONE: PyOnceLock<Py<Awaitable>> = PyOnceLock::new();
+
+impl Awaitable {
+    /// A completed awaitable for `value`.
+    pub(crate) fn ready(py: Python<'_>, value: Py<PyAny>) -> PyResult<Py<Self>> {
+        Py::new(
+            py,
+            Self {
+                outcome: Outcome::Ready(value),
+            },
+        )
+    }
+
+    /// The shared completed awaitable for `None`.
+    pub(crate) fn none(py: Python<'_>) -> Py<Self> {
+        READY_NONE
+            .get_or_init(py, || {
+                Self::ready(py, py.None()).expect("allocating the shared awaitable")
+            })
+            .clone_ref(py)
+    }
+
+    /// An awaitable that attempts `grant` when first stepped.
+    pub(crate) fn deferred(py: Python<'_>, grant: Grant) -> PyResult<Py<Self>> {
+        Py::new(
+            py,
+            Self {
+                outcome: Outcome::Deferred {
+                    started: AtomicBool::new(false),
+                    grant,
+                },
+            },
+        )
+    }
+
+    /// The value of the first (and only) step.
+    fn step(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        match &self.outcome {
+            Outcome::Ready(value) => Ok(value.clone_ref(py)),
+            Outcome::Deferred { started, grant } => {
+                if started.swap(true, Ordering::AcqRel) {
+                    return Err(PyRuntimeError::new_err(
+                        "cannot reuse an already awaited budget call",
+                    ));
+                }
+                match grant {
+                    Grant::Units(budget, cost) => {
+                        let granted = budget.get().reserve_units(*cost);
+                        Ok(PyBool::new(py, granted).to_owned().into_any().unbind())
+                    }
+                    Grant::Tokens(budget, estimate) => Ok(budget
+                        .get()
+                        .reserve_tokens(py, *estimate)?
+                        .map_or_else(|| py.None(), Bound::unbind)),
+                }
+            }
+        }
+    }
+
+    /// Marks a deferred grant as never to be made.
+    fn abandon(&self) {
+        if let Outcome::Deferred { started, .. } = &self.outcome {
+            started.store(true, Ordering::Release);
+        }
+    }
+}
+
+#[pymethods]
+impl Awaitable {
+    fn __await__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __iter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    /// The first step finishes: `StopIteration(value)`.
+    fn __next__(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        Err(PyStopIteration::new_err((self.step(py)?,)))
+    }
+
+    /// `send` as a generator has it: the same single step as `__next__`.
+    fn send(&self, py: Python<'_>, value: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        let _ = value; // nothing to send into: the call completes in one step
+        self.__next__(py)
+    }
+
+    /// An exception thrown in (a task cancelled before its first step) propagates as is, and a
+    /// deferred grant is then never made.
+    #[pyo3(signature = (exception, value = None, traceback = None))]
+    fn throw(
+        &self,
+        exception: &Bound<'_, PyAny>,
+        value: Option<&Bound<'_, PyAny>>,
+        traceback: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let _ = traceback; // the legacy third argument of `generator.throw`
+        self.abandon();
+        if exception.is_instance_of::<PyBaseException>() {
+            return Err(PyErr::from_value(exception.clone()));
+        }
+        let raised = match value {
+            Some(value) => exception.call1((value,))?,
+            None => exception.call0()?,
+        };
+        Err(PyErr::from_value(raised))
+    }
+
+    /// Closes the awaitable: a deferred grant not yet made is never made.
+    fn close(&self) {
+        self.abandon();
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> String {
+        match &self.outcome {
+            Outcome::Ready(value) => format!(
+                "<costbound awaitable: {}>",
+                value
+                    .bind(py)
+                    .repr()
+                    .map_or_else(|_| "?".into(), |r| r.to_string())
+            ),
+            Outcome::Deferred { .. } => {
+                "<costbound awaitable: a reservation, made when awaited>".into()
+            }
+        }
+    }
+}
