@@ -17,8 +17,8 @@ import pytest
 from costbound import AtomicTokenBudget, TokenReservation
 
 
-class WeakableTokenBudget(AtomicTokenBudget):
-    """A user subclass: it has a ``__dict__`` and a ``__weakref__`` slot."""
+class AttributedTokenBudget(AtomicTokenBudget):
+    """A user subclass with a ``__dict__``, so that it can sit in a reference cycle."""
 
 
 class Holder:
@@ -298,7 +298,7 @@ def test_refund_that_raises_during_collection_is_reported_as_unraisable():
 
 
 def test_reservation_does_not_keep_its_budget_alive():
-    tb = WeakableTokenBudget(1_000)
+    tb = AtomicTokenBudget(1_000)
     r = tb.try_reserve_tokens_sync(100)
     disarmed = tb.try_reserve_tokens_sync(50)
     handle = disarmed.disarm()
@@ -350,7 +350,7 @@ def test_orphaned_reservation_is_foreign_to_a_new_budget():
 
 @pytest.mark.usefixtures("no_auto_gc")
 def test_budget_and_reservation_in_one_cycle_are_collected_together():
-    tb = WeakableTokenBudget(1_000)
+    tb = AttributedTokenBudget(1_000)
     node = Holder()
     node.me = node
     node.budget = tb

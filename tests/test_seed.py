@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 
 import pytest
 from costbound import (
@@ -498,3 +499,11 @@ async def test_tokens_consumed_matches_consumed_property():
         await tb.record_usage(r, prompt, completion)
         assert await tb.tokens_consumed() == tb.consumed == tb.tokens_consumed_sync()
     assert tb.consumed == 73
+
+
+def test_budgets_can_be_weakly_referenced():
+    budgets = [AtomicBudget(1), AtomicTokenBudget(1)]
+    refs = [weakref.ref(b) for b in budgets]
+    assert [r() for r in refs] == budgets
+    del budgets
+    assert [r() for r in refs] == [None, None]

@@ -22,6 +22,7 @@ use crate::core::{Hold, MAX_TOKEN_CAPACITY, RecordError, TokenLedger};
 #[pyclass(
     frozen,
     subclass,
+    weakref,
     module = "costbound._native",
     name = "AtomicTokenBudget"
 )]

@@ -8,7 +8,13 @@ use crate::core::UnitBudget;
 
 /// A lock-free budget of unit costs (rows, requests, queue slots). Subclassed by
 /// `costbound.AtomicBudget`, which is what users construct.
-#[pyclass(frozen, subclass, module = "costbound._native", name = "AtomicBudget")]
+#[pyclass(
+    frozen,
+    subclass,
+    weakref,
+    module = "costbound._native",
+    name = "AtomicBudget"
+)]
 pub(crate) struct AtomicBudgetPy {
     core: UnitBudget,
 }
