@@ -20,8 +20,8 @@ if os.environ.get("COSTBOUND_REQUIRE_WHEEL"):
 # COSTBOUND_LONG=1: the long soak, opt-in.
 settings.register_profile(
     "ci",
-    max_examples=150,
-    stateful_step_count=60,
+    max_examples=500,
+    stateful_step_count=80,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
