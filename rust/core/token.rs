@@ -77,26 +77,14 @@ impl TokenLedger {
     /// Deducts `estimate` if `available - debt >= estimate`; otherwise changes nothing.
     /// In debt even an estimate of zero is denied.
     pub fn try_reserve(&self, estimate: u64) -> bool {
-        let mut current = self.balance.load(Ordering::Relaxed);
-        loop {
-            let Ok(free) = u64::try_from(current) else {
-                return false; // in debt
-            };
-            if free < estimate {
-                return false;
-            }
-            // estimate <= free <= i64::MAX, so the difference fits.
-            let next = to_balance(i128::from(current) - i128::from(estimate));
-            match self.balance.compare_exchange_weak(
-                current,
-                next,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return true,
-                Err(seen) => current = seen,
-            }
-        }
+        // `fetch_update` is a `compare_exchange_weak` loop; a `None` from the closure denies.
+        self.balance
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |current| {
+                let free = u64::try_from(current).ok()?; // in debt: nothing is free
+                // estimate <= free <= i64::MAX, so the difference fits.
+                (free >= estimate).then(|| to_balance(i128::from(current) - i128::from(estimate)))
+            })
+            .is_ok()
     }
 
     /// Settles a reservation of `estimate` whose provider reported `actual` tokens: adds `actual`

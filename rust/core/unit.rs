@@ -43,21 +43,12 @@ impl UnitBudget {
     /// Takes `cost` units if that many are available; otherwise changes nothing.
     /// Returns whether the units were taken.
     pub fn try_reserve(&self, cost: u64) -> bool {
-        let mut current = self.available.load(Ordering::Relaxed);
-        loop {
-            let Some(next) = current.checked_sub(cost) else {
-                return false;
-            };
-            match self.available.compare_exchange_weak(
-                current,
-                next,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return true,
-                Err(seen) => current = seen,
-            }
-        }
+        // `fetch_update` is a `compare_exchange_weak` loop; a `None` from the closure denies.
+        self.available
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |current| {
+                current.checked_sub(cost)
+            })
+            .is_ok()
     }
 
     /// Gives `cost` units back; `available` never exceeds `capacity`.
