@@ -118,7 +118,14 @@ def test_generator_based_coroutines_can_yield_from_them() -> None:
     def legacy() -> collections.abc.Generator[object, None, bool]:
         return (yield from b.try_reserve(2).__await__())
 
-    assert asyncio.run(legacy()) is True
+    async def main() -> bool:
+        return await legacy()
+
+    assert asyncio.run(main()) is True
+    assert b.available == 1
+    with pytest.raises(StopIteration) as stopped:
+        legacy().send(None)  # driven by hand: it finishes in its first step
+    assert stopped.value.value is False
     assert b.available == 1
 
 
