@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::PyBool;
+use pyo3::types::{PyBool, PyTuple};
+use pyo3::{PyTypeInfo, ffi};
 
 use super::token::AtomicTokenBudgetPy;
 use super::unit::AtomicBudgetPy;
@@ -161,5 +162,96 @@ impl Awaitable {
                 "<costbound awaitable: a reservation, made when awaited>".into()
             }
         }
+    }
+}
+
+/// Replaces three slots of the `Awaitable` type with direct C entry points, so that `await`
+/// costs no Python frame, no argument parsing and, where the interpreter asks for it, no
+/// exception:
+///
+/// * `am_await` returns the object itself;
+/// * `am_send` (`PyIter_Send`: the `await` of Python 3.10 and 3.11, and asyncio's tasks on
+///   every version) hands the value back as `PYGEN_RETURN`, with no `StopIteration`;
+/// * `tp_iternext` (the `await` of Python 3.12 and later) finishes a `None` result by returning
+///   `NULL` with no exception set, which the interpreter reads as `StopIteration(None)`, and
+///   raises `StopIteration(value)` only for other values.
+///
+/// The Python-level `__await__`, `__next__` and `send` methods stay PyO3's; only the slots the
+/// interpreter calls directly change. Called once, from the module's initialisation.
+pub(crate) fn install_fast_slots(py: Python<'_>) {
+    let kind = Awaitable::type_object_raw(py);
+    // SAFETY: `kind` is the heap type PyO3 created for `Awaitable`; because the class defines
+    // `__await__`, its `tp_as_async` points at the type's own `PyAsyncMethods`. Nothing has
+    // used the type yet, and `PyType_Modified` drops any cached lookups.
+    unsafe {
+        let async_methods = (*kind).tp_as_async;
+        assert!(!async_methods.is_null(), "Awaitable defines __await__");
+        (*async_methods).am_await = Some(await_slot);
+        (*async_methods).am_send = Some(send_slot);
+        (*kind).tp_iternext = Some(iternext_slot);
+        ffi::PyType_Modified(kind);
+    }
+}
+
+/// The `Awaitable` behind a pointer the interpreter passes to a slot.
+///
+/// # Safety
+/// `slf` must point to a live `Awaitable`, and the calling thread must be attached.
+unsafe fn awaitable(py: Python<'_>, slf: *mut ffi::PyObject) -> Bound<'_, Awaitable> {
+    // SAFETY: guaranteed by the caller; the slot belongs to the `Awaitable` type only.
+    unsafe { Bound::from_borrowed_ptr(py, slf).cast_into_unchecked() }
+}
+
+unsafe extern "C" fn await_slot(slf: *mut ffi::PyObject) -> *mut ffi::PyObject {
+    // SAFETY: a slot receives a live object; returning a new reference to it.
+    unsafe { ffi::Py_IncRef(slf) };
+    slf
+}
+
+unsafe extern "C" fn send_slot(
+    slf: *mut ffi::PyObject,
+    _value: *mut ffi::PyObject,
+    result: *mut *mut ffi::PyObject,
+) -> ffi::PySendResult {
+    // SAFETY: the interpreter calls slots attached, with a live `Awaitable` and a valid `result`.
+    unsafe {
+        let py = Python::assume_attached();
+        match awaitable(py, slf).get().step(py) {
+            Ok(value) => {
+                *result = value.into_ptr();
+                ffi::PySendResult::PYGEN_RETURN
+            }
+            Err(err) => {
+                err.restore(py);
+                *result = std::ptr::null_mut();
+                ffi::PySendResult::PYGEN_ERROR
+            }
+        }
+    }
+}
+
+unsafe extern "C" fn iternext_slot(slf: *mut ffi::PyObject) -> *mut ffi::PyObject {
+    // SAFETY: the interpreter calls slots attached, with a live `Awaitable`.
+    unsafe {
+        let py = Python::assume_attached();
+        match awaitable(py, slf).get().step(py) {
+            Ok(value) if value.is_none(py) => {}
+            Ok(value) => finish_with(py, value),
+            Err(err) => err.restore(py),
+        }
+        std::ptr::null_mut()
+    }
+}
+
+/// Raises `StopIteration(value)`, the iterator protocol's way of returning `value`.
+fn finish_with(py: Python<'_>, value: Py<PyAny>) {
+    let value = value.into_bound(py);
+    // A tuple or an exception given to `PyErr_SetObject` would be taken apart as arguments,
+    // so those (never a budget's result, but cheap to get right) are wrapped first.
+    if value.is_instance_of::<PyTuple>() || value.is_instance_of::<PyBaseException>() {
+        PyStopIteration::new_err((value.unbind(),)).restore(py);
+    } else {
+        // SAFETY: attached; both pointers are live for the call.
+        unsafe { ffi::PyErr_SetObject(ffi::PyExc_StopIteration, value.as_ptr()) };
     }
 }

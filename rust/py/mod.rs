@@ -4,6 +4,7 @@
 mod args;
 mod awaitable;
 mod error;
+mod fastcall;
 mod token;
 mod unit;
 
@@ -14,10 +15,13 @@ use pyo3::prelude::*;
 #[pyo3(name = "_native")]
 fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<unit::AtomicBudgetPy>()?;
+    fastcall::add_method::<unit::TryReserveSync>(m.py())?;
+    fastcall::add_method::<unit::ReleaseSync>(m.py())?;
     m.add_class::<token::AtomicTokenBudgetPy>()?;
     m.add_class::<token::ReservationPy>()?;
     m.add_class::<token::NativeRefundPy>()?;
     m.add_class::<awaitable::Awaitable>()?;
+    awaitable::install_fast_slots(m.py());
     m.add_function(wrap_pyfunction!(token::register_reservation_type, m)?)?;
     m.add("MAX_UNITS", u64::MAX)?;
     m.add("MAX_TOKEN_CAPACITY", crate::core::MAX_TOKEN_CAPACITY)?;

@@ -1,10 +1,14 @@
 //! `AtomicBudget`: unit costs reserved and released symmetrically.
 
+use std::ffi::CStr;
+
 use pyo3::prelude::*;
 
 use super::args::to_u64;
 use super::awaitable::{Awaitable, Grant};
+use super::fastcall::U64Method;
 use crate::core::UnitBudget;
+use pyo3::ffi;
 
 /// A lock-free budget of unit costs (rows, requests, queue slots). Subclassed by
 /// `costbound.AtomicBudget`, which is what users construct.
@@ -58,17 +62,6 @@ impl AtomicBudgetPy {
         self.core.refill();
     }
 
-    /// Takes `cost` units if available; `False` (and no change) otherwise.
-    fn try_reserve_sync(&self, cost: &Bound<'_, PyAny>) -> PyResult<bool> {
-        Ok(self.core.try_reserve(to_u64(cost, "cost", u64::MAX)?))
-    }
-
-    /// Gives `cost` units back; `available` never exceeds `capacity`.
-    fn release_sync(&self, cost: &Bound<'_, PyAny>) -> PyResult<()> {
-        self.core.release(to_u64(cost, "cost", u64::MAX)?);
-        Ok(())
-    }
-
     /// `try_reserve_sync` as an awaitable. The argument is checked when called; the units are
     /// taken when it is awaited, so a task cancelled before it starts takes nothing.
     fn try_reserve(slf: &Bound<'_, Self>, cost: &Bound<'_, PyAny>) -> PyResult<Py<Awaitable>> {
@@ -79,7 +72,7 @@ impl AtomicBudgetPy {
     /// `release_sync` as an awaitable. The units are given back when called, so a release is
     /// never lost to a cancellation.
     fn release(&self, py: Python<'_>, cost: &Bound<'_, PyAny>) -> PyResult<Py<Awaitable>> {
-        self.release_sync(cost)?;
+        self.core.release(to_u64(cost, "cost", u64::MAX)?);
         Ok(Awaitable::none(py))
     }
 
@@ -91,5 +84,41 @@ impl AtomicBudgetPy {
             core.capacity(),
             core.available()
         ))
+    }
+}
+
+/// `AtomicBudget.try_reserve_sync(cost)`, entered without PyO3's argument parsing.
+pub(crate) struct TryReserveSync;
+
+impl U64Method for TryReserveSync {
+    type Class = AtomicBudgetPy;
+    const NAME: &'static CStr = c"try_reserve_sync";
+    const ARG: &'static str = "cost";
+    const MAX: u64 = u64::MAX;
+    const DOC: &'static CStr = c"try_reserve_sync($self, cost)\n--\n\nTakes `cost` units if available; `False` (and no change) otherwise.";
+    fn call(this: &AtomicBudgetPy, cost: u64) -> *mut ffi::PyObject {
+        let granted = this.core.try_reserve(cost);
+        // SAFETY: the bool singletons are immortal or live forever; a new reference is returned.
+        unsafe { ffi::PyBool_FromLong(std::ffi::c_long::from(granted)) }
+    }
+}
+
+/// `AtomicBudget.release_sync(cost)`, entered without PyO3's argument parsing.
+pub(crate) struct ReleaseSync;
+
+impl U64Method for ReleaseSync {
+    type Class = AtomicBudgetPy;
+    const NAME: &'static CStr = c"release_sync";
+    const ARG: &'static str = "cost";
+    const MAX: u64 = u64::MAX;
+    const DOC: &'static CStr = c"release_sync($self, cost)\n--\n\nGives `cost` units back; `available` never exceeds `capacity`.";
+    fn call(this: &AtomicBudgetPy, cost: u64) -> *mut ffi::PyObject {
+        this.core.release(cost);
+        // SAFETY: a new reference to None.
+        unsafe {
+            let none = ffi::Py_None();
+            ffi::Py_IncRef(none);
+            none
+        }
     }
 }

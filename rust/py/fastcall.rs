@@ -1,0 +1,125 @@
+//! Methods taking one unsigned integer, entered straight from `METH_FASTCALL`.
+//!
+//! The sync pair `try_reserve_sync` / `release_sync` is the hottest path of the library: its
+//! budget is about one bare C method call each. PyO3's generic argument parsing and trampoline
+//! cost about as much again, so these few methods are registered on the class by hand, with a
+//! fast path for the common call (one positional exact `int`) and PyO3's conversions for
+//! everything else, so they accept and refuse exactly what the other methods do.
+
+use std::ffi::CStr;
+
+use pyo3::exceptions::PyTypeError;
+use pyo3::prelude::*;
+use pyo3::{PyClass, PyTypeInfo, ffi};
+
+use super::args::to_u64;
+
+/// A method of `Self::Class` that takes one unsigned integer argument.
+pub(crate) trait U64Method {
+    /// The class the method is added to.
+    type Class: PyClass<Frozen = pyo3::pyclass::boolean_struct::True> + PyTypeInfo + Sync;
+    /// The method's name.
+    const NAME: &'static CStr;
+    /// The argument's name (it may also be passed by keyword).
+    const ARG: &'static str;
+    /// The largest value accepted.
+    const MAX: u64;
+    /// The docstring, with a `__text_signature__` line first.
+    const DOC: &'static CStr;
+    /// The method's body; a new reference to the result.
+    fn call(this: &Self::Class, value: u64) -> *mut ffi::PyObject;
+}
+
+/// Adds `M` to its class as a method descriptor.
+pub(crate) fn add_method<M: U64Method>(py: Python<'_>) -> PyResult<()> {
+    // The definition must outlive the type; one small allocation per method, once.
+    let def: &'static mut ffi::PyMethodDef = Box::leak(Box::new(ffi::PyMethodDef {
+        ml_name: M::NAME.as_ptr(),
+        ml_meth: ffi::PyMethodDefPointer {
+            PyCFunctionFastWithKeywords: entry::<M>,
+        },
+        ml_flags: ffi::METH_FASTCALL | ffi::METH_KEYWORDS,
+        ml_doc: M::DOC.as_ptr(),
+    }));
+    let kind = M::Class::type_object_raw(py);
+    // SAFETY: attached; `kind` is a live type object and `def` lives forever.
+    unsafe {
+        let descriptor = Bound::from_owned_ptr_or_err(py, ffi::PyDescr_NewMethod(kind, def))?;
+        let dict = Bound::from_borrowed_ptr_or_err(py, (*kind).tp_dict)?;
+        dict.set_item(
+            pyo3::types::PyString::new(py, M::NAME.to_str().unwrap_or("?")),
+            descriptor,
+        )?;
+        ffi::PyType_Modified(kind);
+    }
+    Ok(())
+}
+
+unsafe extern "C" fn entry<M: U64Method>(
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: the interpreter calls a method descriptor attached, with `slf` an instance of the
+    // class it was made for (checked by the descriptor) and `args` holding `nargs` positional
+    // values followed by one value per name in `kwnames`.
+    unsafe {
+        let py = Python::assume_attached();
+        let this = Bound::from_borrowed_ptr(py, slf).cast_into_unchecked::<M::Class>();
+        let argument = match (nargs, kwnames.is_null()) {
+            (1, true) => *args,
+            (0, false) if keyword_is::<M>(py, kwnames) => *args,
+            _ => {
+                let message = format!(
+                    "{}() takes exactly one argument ({})",
+                    M::NAME.to_str().unwrap_or("?"),
+                    M::ARG
+                );
+                PyTypeError::new_err(message).restore(py);
+                return std::ptr::null_mut();
+            }
+        };
+        match read_u64::<M>(py, argument) {
+            Ok(value) => M::call(this.get(), value),
+            Err(err) => {
+                err.restore(py);
+                std::ptr::null_mut()
+            }
+        }
+    }
+}
+
+/// Whether `kwnames` is exactly `(M::ARG,)`.
+///
+/// # Safety
+/// `kwnames` must be a live tuple of strings.
+unsafe fn keyword_is<M: U64Method>(py: Python<'_>, kwnames: *mut ffi::PyObject) -> bool {
+    // SAFETY: guaranteed by the caller.
+    let names = unsafe { Bound::from_borrowed_ptr(py, kwnames) };
+    names.len().is_ok_and(|n| n == 1)
+        && names
+            .get_item(0)
+            .is_ok_and(|name| name.eq(M::ARG).unwrap_or(false))
+}
+
+/// An exact `int` in range is read directly; anything else takes the general conversion.
+///
+/// # Safety
+/// `argument` must be a live object.
+unsafe fn read_u64<M: U64Method>(py: Python<'_>, argument: *mut ffi::PyObject) -> PyResult<u64> {
+    // SAFETY: guaranteed by the caller; attached.
+    unsafe {
+        if ffi::PyLong_CheckExact(argument) != 0 {
+            let value = ffi::PyLong_AsUnsignedLongLong(argument);
+            if value != u64::MAX || ffi::PyErr_Occurred().is_null() {
+                if value <= M::MAX {
+                    return Ok(value);
+                }
+            } else {
+                ffi::PyErr_Clear(); // negative or too large: the general path words the error
+            }
+        }
+        to_u64(&Bound::from_borrowed_ptr(py, argument), M::ARG, M::MAX)
+    }
+}
