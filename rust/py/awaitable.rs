@@ -197,9 +197,10 @@ pub(crate) fn install_fast_slots(py: Python<'_>) {
 ///
 /// # Safety
 /// `slf` must point to a live `Awaitable`, and the calling thread must be attached.
-unsafe fn awaitable(py: Python<'_>, slf: *mut ffi::PyObject) -> Bound<'_, Awaitable> {
+unsafe fn awaitable(py: Python<'_>, slf: *mut ffi::PyObject) -> Borrowed<'_, '_, Awaitable> {
     // SAFETY: guaranteed by the caller; the slot belongs to the `Awaitable` type only.
-    unsafe { Bound::from_borrowed_ptr(py, slf).cast_into_unchecked() }
+    // Borrowed: the interpreter holds the reference for the call, so none is taken here.
+    unsafe { Borrowed::from_ptr(py, slf).cast_unchecked() }
 }
 
 unsafe extern "C" fn await_slot(slf: *mut ffi::PyObject) -> *mut ffi::PyObject {

@@ -1,10 +1,12 @@
 //! Methods taking one unsigned integer, entered straight from `METH_FASTCALL`.
 //!
-//! The sync pair `try_reserve_sync` / `release_sync` is the hottest path of the library: its
-//! budget is about one bare C method call each. PyO3's generic argument parsing and trampoline
-//! cost about as much again, so these few methods are registered on the class by hand, with a
-//! fast path for the common call (one positional exact `int`) and PyO3's conversions for
-//! everything else, so they accept and refuse exactly what the other methods do.
+//! The unit budget's reserve and release, sync and async, are the hottest path of the library:
+//! the budget for the sync pair is about one bare C method call each. PyO3's generic argument
+//! parsing and trampoline cost about as much again, so these few methods are registered on the
+//! class by hand, with a fast path for the common call (one positional exact `int`) and the
+//! shared conversion ([`to_u64`]) for everything else, so they accept and refuse exactly what
+//! the other methods do. The bodies cannot panic (atomics and a bool), so no unwinding guard
+//! is needed at this `extern "C"` boundary.
 
 use std::ffi::CStr;
 
@@ -26,8 +28,8 @@ pub(crate) trait U64Method {
     const MAX: u64;
     /// The docstring, with a `__text_signature__` line first.
     const DOC: &'static CStr;
-    /// The method's body; a new reference to the result.
-    fn call(this: &Self::Class, value: u64) -> *mut ffi::PyObject;
+    /// The method's body.
+    fn call(this: &Bound<'_, Self::Class>, value: u64) -> PyResult<Py<PyAny>>;
 }
 
 /// Adds `M` to its class as a method descriptor.
@@ -66,7 +68,8 @@ unsafe extern "C" fn entry<M: U64Method>(
     // values followed by one value per name in `kwnames`.
     unsafe {
         let py = Python::assume_attached();
-        let this = Bound::from_borrowed_ptr(py, slf).cast_into_unchecked::<M::Class>();
+        // Borrowed: the interpreter holds both references for the call.
+        let this = Borrowed::from_ptr(py, slf).cast_unchecked::<M::Class>();
         let argument = match (nargs, kwnames.is_null()) {
             (1, true) => *args,
             (0, false) if keyword_is::<M>(py, kwnames) => *args,
@@ -80,8 +83,9 @@ unsafe extern "C" fn entry<M: U64Method>(
                 return std::ptr::null_mut();
             }
         };
-        match read_u64::<M>(py, argument) {
-            Ok(value) => M::call(this.get(), value),
+        let argument = Borrowed::from_ptr(py, argument);
+        match to_u64(&argument, M::ARG, M::MAX).and_then(|value| M::call(&this, value)) {
+            Ok(result) => result.into_ptr(),
             Err(err) => {
                 err.restore(py);
                 std::ptr::null_mut()
@@ -101,25 +105,4 @@ unsafe fn keyword_is<M: U64Method>(py: Python<'_>, kwnames: *mut ffi::PyObject) 
         && names
             .get_item(0)
             .is_ok_and(|name| name.eq(M::ARG).unwrap_or(false))
-}
-
-/// An exact `int` in range is read directly; anything else takes the general conversion.
-///
-/// # Safety
-/// `argument` must be a live object.
-unsafe fn read_u64<M: U64Method>(py: Python<'_>, argument: *mut ffi::PyObject) -> PyResult<u64> {
-    // SAFETY: guaranteed by the caller; attached.
-    unsafe {
-        if ffi::PyLong_CheckExact(argument) != 0 {
-            let value = ffi::PyLong_AsUnsignedLongLong(argument);
-            if value != u64::MAX || ffi::PyErr_Occurred().is_null() {
-                if value <= M::MAX {
-                    return Ok(value);
-                }
-            } else {
-                ffi::PyErr_Clear(); // negative or too large: the general path words the error
-            }
-        }
-        to_u64(&Bound::from_borrowed_ptr(py, argument), M::ARG, M::MAX)
-    }
 }

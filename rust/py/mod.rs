@@ -17,6 +17,8 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<unit::AtomicBudgetPy>()?;
     fastcall::add_method::<unit::TryReserveSync>(m.py())?;
     fastcall::add_method::<unit::ReleaseSync>(m.py())?;
+    fastcall::add_method::<unit::TryReserve>(m.py())?;
+    fastcall::add_method::<unit::Release>(m.py())?;
     m.add_class::<token::AtomicTokenBudgetPy>()?;
     m.add_class::<token::ReservationPy>()?;
     m.add_class::<token::NativeRefundPy>()?;

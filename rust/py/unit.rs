@@ -8,7 +8,7 @@ use super::args::to_u64;
 use super::awaitable::{Awaitable, Grant};
 use super::fastcall::U64Method;
 use crate::core::UnitBudget;
-use pyo3::ffi;
+use pyo3::types::PyBool;
 
 /// A lock-free budget of unit costs (rows, requests, queue slots). Subclassed by
 /// `costbound.AtomicBudget`, which is what users construct.
@@ -62,20 +62,6 @@ impl AtomicBudgetPy {
         self.core.refill();
     }
 
-    /// `try_reserve_sync` as an awaitable. The argument is checked when called; the units are
-    /// taken when it is awaited, so a task cancelled before it starts takes nothing.
-    fn try_reserve(slf: &Bound<'_, Self>, cost: &Bound<'_, PyAny>) -> PyResult<Py<Awaitable>> {
-        let cost = to_u64(cost, "cost", u64::MAX)?;
-        Awaitable::deferred(slf.py(), Grant::Units(slf.clone().unbind(), cost))
-    }
-
-    /// `release_sync` as an awaitable. The units are given back when called, so a release is
-    /// never lost to a cancellation.
-    fn release(&self, py: Python<'_>, cost: &Bound<'_, PyAny>) -> PyResult<Py<Awaitable>> {
-        self.core.release(to_u64(cost, "cost", u64::MAX)?);
-        Ok(Awaitable::none(py))
-    }
-
     fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {
         let core = &slf.get().core;
         Ok(format!(
@@ -87,38 +73,65 @@ impl AtomicBudgetPy {
     }
 }
 
-/// `AtomicBudget.try_reserve_sync(cost)`, entered without PyO3's argument parsing.
-pub(crate) struct TryReserveSync;
+/// Declares a one-integer method of `AtomicBudget` entered through [`super::fastcall`].
+macro_rules! unit_method {
+    ($(#[$meta:meta])* $kind:ident, $name:literal, $doc:literal, |$this:ident, $cost:ident| $body:expr) => {
+        $(#[$meta])*
+        pub(crate) struct $kind;
 
-impl U64Method for TryReserveSync {
-    type Class = AtomicBudgetPy;
-    const NAME: &'static CStr = c"try_reserve_sync";
-    const ARG: &'static str = "cost";
-    const MAX: u64 = u64::MAX;
-    const DOC: &'static CStr = c"try_reserve_sync($self, cost)\n--\n\nTakes `cost` units if available; `False` (and no change) otherwise.";
-    fn call(this: &AtomicBudgetPy, cost: u64) -> *mut ffi::PyObject {
-        let granted = this.core.try_reserve(cost);
-        // SAFETY: the bool singletons are immortal or live forever; a new reference is returned.
-        unsafe { ffi::PyBool_FromLong(std::ffi::c_long::from(granted)) }
-    }
-}
-
-/// `AtomicBudget.release_sync(cost)`, entered without PyO3's argument parsing.
-pub(crate) struct ReleaseSync;
-
-impl U64Method for ReleaseSync {
-    type Class = AtomicBudgetPy;
-    const NAME: &'static CStr = c"release_sync";
-    const ARG: &'static str = "cost";
-    const MAX: u64 = u64::MAX;
-    const DOC: &'static CStr = c"release_sync($self, cost)\n--\n\nGives `cost` units back; `available` never exceeds `capacity`.";
-    fn call(this: &AtomicBudgetPy, cost: u64) -> *mut ffi::PyObject {
-        this.core.release(cost);
-        // SAFETY: a new reference to None.
-        unsafe {
-            let none = ffi::Py_None();
-            ffi::Py_IncRef(none);
-            none
+        impl U64Method for $kind {
+            type Class = AtomicBudgetPy;
+            const NAME: &'static CStr = $name;
+            const ARG: &'static str = "cost";
+            const MAX: u64 = u64::MAX;
+            const DOC: &'static CStr = $doc;
+            fn call($this: &Bound<'_, AtomicBudgetPy>, $cost: u64) -> PyResult<Py<PyAny>> {
+                $body
+            }
         }
-    }
+    };
 }
+
+unit_method!(
+    /// `try_reserve_sync(cost)`.
+    TryReserveSync,
+    c"try_reserve_sync",
+    c"try_reserve_sync($self, /, cost)\n--\n\nTakes `cost` units if available; `False` (and no change) otherwise.",
+    |this, cost| {
+        let granted = this.get().core.try_reserve(cost);
+        Ok(PyBool::new(this.py(), granted).to_owned().into_any().unbind())
+    }
+);
+
+unit_method!(
+    /// `release_sync(cost)`.
+    ReleaseSync,
+    c"release_sync",
+    c"release_sync($self, /, cost)\n--\n\nGives `cost` units back; `available` never exceeds `capacity`.",
+    |this, cost| {
+        this.get().core.release(cost);
+        Ok(this.py().None())
+    }
+);
+
+unit_method!(
+    /// `try_reserve(cost)`: the units are taken when the awaitable is awaited.
+    TryReserve,
+    c"try_reserve",
+    c"try_reserve($self, /, cost)\n--\n\n`try_reserve_sync` as an awaitable. The argument is checked when called; the units are\ntaken when it is awaited, so a task cancelled before it starts takes nothing.",
+    |this, cost| {
+        let grant = Grant::Units(this.clone().unbind(), cost);
+        Ok(Awaitable::deferred(this.py(), grant)?.into_any())
+    }
+);
+
+unit_method!(
+    /// `release(cost)`: the units are given back when called.
+    Release,
+    c"release",
+    c"release($self, /, cost)\n--\n\n`release_sync` as an awaitable. The units are given back when called, so a release is\nnever lost to a cancellation.",
+    |this, cost| {
+        this.get().core.release(cost);
+        Ok(Awaitable::none(this.py()).into_any())
+    }
+);
