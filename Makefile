@@ -14,7 +14,8 @@ WHEELS := dist/wheels-$(notdir $(VENV))
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: demo test venv wheel lint-rust test-rust loom lint-python types test-python clean
+.PHONY: demo test venv wheel lint-rust test-rust loom lint-python types test-python clean \
+	bench bench-smoke bench-env
 
 demo: wheel
 	$(PY) examples/demo.py
@@ -58,5 +59,32 @@ types: wheel
 test-python: wheel
 	COSTBOUND_REQUIRE_WHEEL=1 $(PY) -m pytest
 
+# Benchmarks. The peers go into $(VENV); token-throttle needs Python 3.12, so when pyenv has one
+# it gets its own environment with its own costbound wheel, and compare.py measures it (with
+# costbound's token rows beside it) in a child process.
+PY312 ?= $(firstword $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12))
+BENCH312 := .venv-bench312
+BENCH_ARGS := $(if $(PY312),--py312 $(BENCH312)/bin/python)
+
+bench-env: wheel
+	$(PY) -m pip install --quiet -r benches/requirements.txt
+ifneq ($(PY312),)
+	[ -x $(BENCH312)/bin/python ] || $(PY312) -m venv $(BENCH312)
+	$(BENCH312)/bin/python -m pip install --quiet -r benches/peers_312.txt
+	rm -rf dist/wheels-bench312
+	$(BIN)/maturin build --profile $(CARGO_PROFILE) --interpreter $(BENCH312)/bin/python --out dist/wheels-bench312
+	$(BENCH312)/bin/python -m pip install --quiet --force-reinstall --no-deps dist/wheels-bench312/costbound-*.whl
+endif
+
+# The full run whose table and chart README shows (a few minutes).
+bench: bench-env
+	cargo bench --bench core
+	$(PY) benches/compare.py $(BENCH_ARGS) --json benches/results/compare.json --png benches/results/compare.png
+
+# CI: both benchmarks, briefly, so they never rot; nothing is asserted about speed.
+bench-smoke: bench-env
+	COSTBOUND_BENCH_SMOKE=1 cargo bench --bench core
+	$(PY) benches/compare.py --smoke $(BENCH_ARGS)
+
 clean:
-	rm -rf target dist $(VENV) .venv-* .hypothesis .mypy_cache .ruff_cache .pytest_cache
+	rm -rf target dist $(VENV) .venv-* .hypothesis benches/out .mypy_cache .ruff_cache .pytest_cache

@@ -48,6 +48,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -222,20 +223,20 @@ def floor_rows() -> list[Row]:
     table: dict[int, int] = {}
 
     def empty_loop(n: int) -> None:
-        for _ in range(n):
+        for _ in repeat(None, n):
             pass
 
     def c_call(n: int) -> None:
         d = table
-        for _ in range(n):
+        for _ in repeat(None, n):
             d.get(1)
 
     async def empty_await(n: int) -> None:
-        for _ in range(n):
+        for _ in repeat(None, n):
             await _empty()
 
     return [
-        Row(FLOOR_LOOP, "floor", empty_loop, note="for _ in range(n): pass"),
+        Row(FLOOR_LOOP, "floor", empty_loop, note="for _ in repeat(None, n): pass"),
         Row(FLOOR_C, "floor", c_call, note="a METH_FASTCALL method of a C type"),
         Row(FLOOR_AWAIT, "floor", async_body=empty_await, note="async def f(): pass; await f()"),
     ]
@@ -273,13 +274,13 @@ def baseline_rows() -> list[Row]:
 
     def lock_pair(n: int) -> None:
         c = counter
-        for _ in range(n):
+        for _ in repeat(None, n):
             c.try_reserve(1)
             c.release(1)
 
     async def semaphore_pair(n: int) -> None:
         s = semaphore
-        for _ in range(n):
+        for _ in repeat(None, n):
             await s.acquire()
             s.release()
 
@@ -307,7 +308,7 @@ def peer_aiolimiter(ctx: Context) -> list[Row]:
 
     async def acquire(n: int) -> None:
         lim = limiter
-        for _ in range(n):
+        for _ in repeat(None, n):
             await lim.acquire()
 
     return [
@@ -333,7 +334,7 @@ def peer_limits(ctx: Context) -> list[Row]:
 
     def hit(n: int) -> None:
         lim, it = limiter, item
-        for _ in range(n):
+        for _ in repeat(None, n):
             lim.hit(it, "bench")
 
     return [
@@ -360,7 +361,7 @@ def peer_throttled(ctx: Context) -> list[Row]:
 
     def limit(n: int) -> None:
         lim = limiter
-        for _ in range(n):
+        for _ in repeat(None, n):
             lim.limit()
 
     return [
@@ -384,7 +385,7 @@ def peer_pyrate(ctx: Context) -> list[Row]:
 
     def try_acquire(n: int) -> None:
         lim = limiter
-        for _ in range(n):
+        for _ in repeat(None, n):
             lim.try_acquire("bench", blocking=False)
 
     return [
@@ -418,13 +419,13 @@ def peer_token_throttle(ctx: Context) -> list[Row]:
 
     def sync_pair(n: int) -> None:
         lim = sync_limiter
-        for _ in range(n):
+        for _ in repeat(None, n):
             r = lim.acquire_capacity(estimate, model="bench")
             lim.refund_capacity(used, r)
 
     async def async_pair(n: int) -> None:
         lim = async_limiter
-        for _ in range(n):
+        for _ in repeat(None, n):
             r = await lim.acquire_capacity(estimate, model="bench")
             await lim.refund_capacity(used, r)
 
@@ -454,23 +455,23 @@ def costbound_guard_rows() -> list[Row]:
 
     def reserve(n: int) -> None:
         b = single
-        for _ in range(n):
+        for _ in repeat(None, n):
             b.try_reserve_sync(1)
 
     async def await_reserve(n: int) -> None:
         b = single_async
-        for _ in range(n):
+        for _ in repeat(None, n):
             await b.try_reserve(1)
 
     def sync_pair(n: int) -> None:
         b = pair
-        for _ in range(n):
+        for _ in repeat(None, n):
             b.try_reserve_sync(1)
             b.release_sync(1)
 
     async def async_pair(n: int) -> None:
         b = pair_async
-        for _ in range(n):
+        for _ in repeat(None, n):
             await b.try_reserve(1)
             await b.release(1)
 
@@ -505,19 +506,19 @@ def costbound_token_rows() -> list[Row]:
 
     def token_pair(n: int) -> None:
         b = tokens
-        for _ in range(n):
+        for _ in repeat(None, n):
             r = b.try_reserve_tokens_sync(ESTIMATE)
             b.record_usage_sync(r, PROMPT, COMPLETION)
 
     async def async_token_pair(n: int) -> None:
         b = tokens_async
-        for _ in range(n):
+        for _ in repeat(None, n):
             r = await b.try_reserve_tokens(ESTIMATE)
             await b.record_usage(r, PROMPT, COMPLETION)
 
     def reserve_drop(n: int) -> None:
         b = dropped
-        for _ in range(n):
+        for _ in repeat(None, n):
             b.try_reserve_tokens_sync(ESTIMATE)  # dropped at once: its refund runs
 
     return [
@@ -543,7 +544,7 @@ def _cost_row(exponent: int) -> Row:
 
     def sync_pair(n: int) -> None:
         b, c = budget, cost
-        for _ in range(n):
+        for _ in repeat(None, n):
             b.try_reserve_sync(c)
             b.release_sync(c)
 
@@ -563,7 +564,7 @@ def _outstanding_row(exponent: int) -> Row:
 
     def token_pair(n: int) -> None:
         b = budget
-        for _ in range(n):
+        for _ in repeat(None, n):
             r = b.try_reserve_tokens_sync(ESTIMATE)
             b.record_usage_sync(r, PROMPT, COMPLETION)
 
@@ -853,7 +854,8 @@ COLOURS = {
 METHOD = (
     "median of R rounds of N ops per row, every row once per round in a shuffled order, after "
     "an unrecorded warm-up round",
-    "raw ns/op: nothing subtracted, each row's loop overhead included (see the empty-loop row)",
+    "raw ns/op: nothing subtracted, each row's loop overhead included (see the empty-loop row);"
+    " every loop is `for _ in itertools.repeat(None, n)`, as timeit's, so no int is made per op",
     "ratios: the median of the per-round ratios; '2 C method calls' and '2 empty-coroutine "
     "awaits' are twice those rows' ns/op; flatness: max/min of the series' medians",
     "cyclic GC disabled while a row is timed; async rows on one event loop, reused",

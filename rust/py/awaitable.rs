@@ -29,6 +29,24 @@ enum Outcome {
     Deferred { started: AtomicBool, grant: Grant },
 }
 
+/// Claims the single step: `true` for the first caller only. Every caller holds the GIL on a
+/// build that has one, so a plain load and store cannot interleave there and spare a locked
+/// instruction on the hot path; the free-threaded build swaps atomically.
+fn claim(started: &AtomicBool) -> bool {
+    #[cfg(Py_GIL_DISABLED)]
+    {
+        !started.swap(true, Ordering::AcqRel)
+    }
+    #[cfg(not(Py_GIL_DISABLED))]
+    {
+        if started.load(Ordering::Relaxed) {
+            return false;
+        }
+        started.store(true, Ordering::Relaxed);
+        true
+    }
+}
+
 /// A reservation to attempt on the first step.
 pub(crate) enum Grant {
     Units(Py<AtomicBudgetPy>, u64),
@@ -75,7 +93,7 @@ impl Awaitable {
         match &self.outcome {
             Outcome::Ready(value) => Ok(value.clone_ref(py)),
             Outcome::Deferred { started, grant } => {
-                if started.swap(true, Ordering::AcqRel) {
+                if !claim(started) {
                     return Err(PyRuntimeError::new_err(
                         "cannot reuse an already awaited budget call",
                     ));
