@@ -74,16 +74,20 @@ MAX_COST = 16
 MAX_HELD = 6  # one worker alone can ask for more than the capacity
 
 
+class Summable:
+    """Per-worker counters that add up field by field (the workers' totals)."""
+
+    def __add__(self, other):
+        return type(self)(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+
 @dataclass
-class UnitStats:
+class UnitStats(Summable):
     operations: int = 0
     grants: int = 0
     denials: int = 0
     granted_units: int = 0
     released_units: int = 0
-
-    def __add__(self, other: UnitStats) -> UnitStats:
-        return UnitStats(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
 
 class CountedHolds:
@@ -216,7 +220,7 @@ MAX_HELD_RESERVATIONS = 3
 
 
 @dataclass
-class TokenStats:
+class TokenStats(Summable):
     operations: int = 0
     grants: int = 0
     denials: int = 0
@@ -224,9 +228,6 @@ class TokenStats:
     drops: int = 0
     disarms: int = 0
     recorded_tokens: int = 0
-
-    def __add__(self, other: TokenStats) -> TokenStats:
-        return TokenStats(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
 
 def token_estimate(rng: random.Random) -> int:
