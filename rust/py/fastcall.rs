@@ -5,8 +5,9 @@
 //! parsing and trampoline cost about as much again, so these few methods are registered on the
 //! class by hand, with a fast path for the common call (one positional exact `int`) and the
 //! shared conversion ([`to_u64`]) for everything else, so they accept and refuse exactly what
-//! the other methods do. The bodies cannot panic (atomics and a bool), so no unwinding guard
-//! is needed at this `extern "C"` boundary.
+//! the other methods do. Nothing on these paths panics (atomics, a bool, allocations whose
+//! failure is a `MemoryError`; the shared `None` awaitable is made at import), so no unwinding
+//! guard is needed at this `extern "C"` boundary.
 
 use std::ffi::CStr;
 

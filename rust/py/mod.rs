@@ -24,6 +24,8 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<token::NativeRefundPy>()?;
     m.add_class::<awaitable::Awaitable>()?;
     awaitable::install_fast_slots(m.py());
+    // Made at import, so that no call ever has to allocate (or fail to allocate) it.
+    let _ = awaitable::Awaitable::none(m.py());
     m.add_function(wrap_pyfunction!(token::register_reservation_type, m)?)?;
     m.add("MAX_UNITS", u64::MAX)?;
     m.add("MAX_TOKEN_CAPACITY", crate::core::MAX_TOKEN_CAPACITY)?;

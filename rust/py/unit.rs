@@ -3,12 +3,12 @@
 use std::ffi::CStr;
 
 use pyo3::prelude::*;
+use pyo3::types::PyBool;
 
 use super::args::to_u64;
 use super::awaitable::{Awaitable, Grant};
 use super::fastcall::U64Method;
 use crate::core::UnitBudget;
-use pyo3::types::PyBool;
 
 /// A lock-free budget of unit costs (rows, requests, queue slots). Subclassed by
 /// `costbound.AtomicBudget`, which is what users construct.
