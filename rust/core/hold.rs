@@ -60,6 +60,17 @@ impl Hold {
         })
     }
 
+    /// Holds `estimate` that the ledger's queue already deducted for a granted waiter (see
+    /// [`TokenLedger::cancel`]). Adopting an estimate that was not deducted would create tokens.
+    #[must_use]
+    pub fn adopt(ledger: &Arc<TokenLedger>, estimate: u64) -> Self {
+        Self {
+            ledger: Arc::downgrade(ledger),
+            estimate,
+            claimed: AtomicBool::new(false),
+        }
+    }
+
     /// The estimate that was reserved.
     #[must_use]
     pub fn estimate(&self) -> u64 {

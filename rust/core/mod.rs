@@ -6,12 +6,18 @@
 //! * [`Hold`]: one token reservation's single-use claim on its ledger, which it
 //!   reaches through a `Weak` so that it never keeps a budget alive.
 
+mod clock;
 mod hold;
+mod queue;
+mod rate;
 mod sync;
 mod token;
 mod unit;
 
+pub use clock::{Clock, ManualClock, Wake};
 pub use hold::{Hold, RecordError};
+pub use queue::{WaitQueue, Waiter};
+pub use rate::{MAX_RATE, RateError, Refill};
 pub use token::{MAX_TOKEN_CAPACITY, TokenLedger};
 pub use unit::UnitBudget;
 

@@ -1,5 +1,11 @@
-//! Optimistic token accounting: a signed balance word and a consumed counter.
+//! Optimistic token accounting: a signed balance word (or a rate word when tokens flow back
+//! over time), a consumed counter, and the queue of those who wait.
 
+use std::sync::Arc;
+
+use super::clock::{Clock, Wake};
+use super::queue::{WaitQueue, Waiter};
+use super::rate::{RateError, Refill};
 use super::sync::{AtomicI64, AtomicU64, Ordering};
 
 /// The largest token capacity: the balance word is signed, so capacity fits in an `i64`.
@@ -22,8 +28,12 @@ pub const MAX_TOKEN_CAPACITY: u64 = i64::MAX as u64;
 #[derive(Debug)]
 pub struct TokenLedger {
     capacity: u64,
+    /// `available - debt`, when there is no rate.
     balance: AtomicI64,
+    /// The same, when tokens flow back at a rate.
+    refill: Option<Refill>,
     consumed: AtomicU64,
+    queue: WaitQueue,
 }
 
 impl TokenLedger {
@@ -35,8 +45,25 @@ impl TokenLedger {
         Self {
             capacity,
             balance: AtomicI64::new(to_balance(i128::from(capacity))),
+            refill: None,
             consumed: AtomicU64::new(0),
+            queue: WaitQueue::new(),
         }
+    }
+
+    /// A full ledger to which `rate` tokens flow back per second (read from `clock`), paying
+    /// debt first, up to `capacity`. A manual clock wakes its waiters when it advances.
+    pub fn with_rate(capacity: u64, rate: f64, clock: Clock) -> Result<Arc<Self>, RateError> {
+        let capacity = capacity.min(MAX_TOKEN_CAPACITY);
+        let refill = Refill::new(rate, i128::from(capacity), i128::from(i64::MIN), clock)?;
+        let ledger = Arc::new(Self {
+            refill,
+            ..Self::new(capacity)
+        });
+        if let Some(Clock::Manual(clock)) = ledger.refill.as_ref().map(Refill::clock) {
+            clock.subscribe(Arc::downgrade(&ledger) as std::sync::Weak<dyn Wake>);
+        }
+        Ok(ledger)
     }
 
     /// The capacity given at construction.
@@ -45,10 +72,19 @@ impl TokenLedger {
         self.capacity
     }
 
+    /// The rate in tokens per second (`0.0` for none).
+    #[must_use]
+    pub fn rate(&self) -> f64 {
+        self.refill.as_ref().map_or(0.0, Refill::rate)
+    }
+
     /// `available - debt`: positive when tokens are available, negative in debt.
     #[must_use]
     pub fn balance(&self) -> i64 {
-        self.balance.load(Ordering::Acquire)
+        match &self.refill {
+            None => self.balance.load(Ordering::SeqCst),
+            Some(refill) => to_balance(refill.balance()),
+        }
     }
 
     /// Tokens available now (`0` while in debt).
@@ -74,17 +110,33 @@ impl TokenLedger {
         self.consumed.load(Ordering::Acquire)
     }
 
-    /// Deducts `estimate` if `available - debt >= estimate`; otherwise changes nothing.
-    /// In debt even an estimate of zero is denied.
+    /// How many wait in the queue.
+    #[must_use]
+    pub fn waiters(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Deducts `estimate` if `available - debt >= estimate` and no one waits in the queue;
+    /// otherwise changes nothing. In debt even an estimate of zero is denied.
     pub fn try_reserve(&self, estimate: u64) -> bool {
-        // `fetch_update` is a `compare_exchange_weak` loop; a `None` from the closure denies.
-        self.balance
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |current| {
-                let free = u64::try_from(current).ok()?; // in debt: nothing is free
-                // estimate <= free <= i64::MAX, so the difference fits.
-                (free >= estimate).then(|| to_balance(i128::from(current) - i128::from(estimate)))
-            })
-            .is_ok()
+        self.queue.is_empty() && self.take(estimate)
+    }
+
+    /// Deducts `estimate` if it fits, queue or not (the queue's own grant).
+    fn take(&self, estimate: u64) -> bool {
+        match &self.refill {
+            // `fetch_update` is a `compare_exchange_weak` loop; a `None` from the closure denies.
+            None => self
+                .balance
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |current| {
+                    let free = u64::try_from(current).ok()?; // in debt: nothing is free
+                    // estimate <= free <= i64::MAX, so the difference fits.
+                    (free >= estimate)
+                        .then(|| to_balance(i128::from(current) - i128::from(estimate)))
+                })
+                .is_ok(),
+            Some(refill) => refill.try_take(estimate),
+        }
     }
 
     /// Settles a reservation of `estimate` whose provider reported `actual` tokens: adds `actual`
@@ -109,14 +161,64 @@ impl TokenLedger {
     }
 
     /// Moves the balance by `delta`, capped at `capacity` above and saturating at `i64::MIN`
-    /// (a debt of 2**63) below.
+    /// (a debt of 2**63) below, then wakes the waiters that now fit.
     fn adjust(&self, delta: i128) {
-        let capacity = i128::from(self.capacity);
-        let _ = self
-            .balance
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |current| {
-                Some(to_balance((i128::from(current) + delta).min(capacity)))
-            });
+        match &self.refill {
+            None => {
+                let capacity = i128::from(self.capacity);
+                let _ = self
+                    .balance
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |current| {
+                        Some(to_balance((i128::from(current) + delta).min(capacity)))
+                    });
+            }
+            Some(refill) => refill.adjust(delta),
+        }
+        if delta > 0 {
+            self.drain();
+        }
+    }
+
+    /// Whether new heads of the queue must be told to set a timer for the refill.
+    fn timed(&self) -> bool {
+        self.refill.as_ref().is_some_and(|r| !r.clock().is_manual())
+    }
+
+    fn drain(&self) {
+        self.queue
+            .drain(|estimate| self.take(estimate), self.timed());
+    }
+
+    /// Queues `waiter` behind those already waiting; it is granted (its estimate deducted) as
+    /// soon as it is first in line and fits, possibly at once. A granted waiter's estimate is
+    /// held by [`Hold::adopt`](super::Hold::adopt).
+    pub fn enqueue(&self, waiter: Arc<Waiter>) {
+        self.queue
+            .enqueue(waiter, |estimate| self.take(estimate), self.timed());
+    }
+
+    /// Takes `waiter` out of the queue. Returns `true` if it had been granted first, in which
+    /// case its estimate is the caller's (to adopt, or to give back with [`refund`](Self::refund)).
+    pub fn cancel(&self, waiter: &Arc<Waiter>) -> bool {
+        self.queue
+            .cancel(waiter, |estimate| self.take(estimate), self.timed())
+    }
+
+    /// Nanoseconds until `waiter`, if first in line, fits by the rate refill alone; `None` if it
+    /// is not first, or only a refund, a settlement, a refill or a clock advance can make it fit.
+    #[must_use]
+    pub fn nanos_until_fits(&self, waiter: &Arc<Waiter>) -> Option<u64> {
+        let refill = self.refill.as_ref()?;
+        if !self.queue.is_head(waiter) {
+            return None;
+        }
+        refill.nanos_until(waiter.cost())
+    }
+}
+
+impl Wake for TokenLedger {
+    fn wake_waiters(&self) {
+        self.drain();
     }
 }
 

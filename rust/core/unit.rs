@@ -1,5 +1,11 @@
-//! A symmetric budget of unit costs: one `AtomicU64` holding the units available.
+//! A symmetric budget of unit costs: one `AtomicU64` holding the units available, or a rate
+//! word when units flow back over time, and the queue of those who wait.
 
+use std::sync::Arc;
+
+use super::clock::{Clock, Wake};
+use super::queue::{WaitQueue, Waiter};
+use super::rate::{RateError, Refill};
 use super::sync::{AtomicU64, Ordering};
 
 /// A lock-free budget of `capacity` units that callers reserve and release.
@@ -15,7 +21,11 @@ use super::sync::{AtomicU64, Ordering};
 #[derive(Debug)]
 pub struct UnitBudget {
     capacity: u64,
+    /// The units available, when there is no rate.
     available: AtomicU64,
+    /// The units available, when they flow back at a rate.
+    refill: Option<Refill>,
+    queue: WaitQueue,
 }
 
 impl UnitBudget {
@@ -25,7 +35,23 @@ impl UnitBudget {
         Self {
             capacity,
             available: AtomicU64::new(capacity),
+            refill: None,
+            queue: WaitQueue::new(),
         }
+    }
+
+    /// A full budget of `capacity` units to which `rate` units flow back per second (read from
+    /// `clock`), up to `capacity`. A manual clock wakes its waiters when it advances.
+    pub fn with_rate(capacity: u64, rate: f64, clock: Clock) -> Result<Arc<Self>, RateError> {
+        let refill = Refill::new(rate, i128::from(capacity), 0, clock)?;
+        let budget = Arc::new(Self {
+            refill,
+            ..Self::new(capacity)
+        });
+        if let Some(Clock::Manual(clock)) = budget.refill.as_ref().map(Refill::clock) {
+            clock.subscribe(Arc::downgrade(&budget) as std::sync::Weak<dyn Wake>);
+        }
+        Ok(budget)
     }
 
     /// The capacity given at construction.
@@ -34,37 +60,72 @@ impl UnitBudget {
         self.capacity
     }
 
+    /// The rate in units per second (`0.0` for none).
+    #[must_use]
+    pub fn rate(&self) -> f64 {
+        self.refill.as_ref().map_or(0.0, Refill::rate)
+    }
+
     /// Units available now.
     #[must_use]
     pub fn available(&self) -> u64 {
-        self.available.load(Ordering::Acquire)
+        match &self.refill {
+            None => self.available.load(Ordering::SeqCst),
+            // Never below zero: only a take lowers it, and a take never overdraws.
+            Some(refill) => u64::try_from(refill.balance()).unwrap_or(0),
+        }
     }
 
-    /// Takes `cost` units if that many are available; otherwise changes nothing.
-    /// Returns whether the units were taken.
+    /// How many wait in the queue.
+    #[must_use]
+    pub fn waiters(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Takes `cost` units if that many are available and no one waits in the queue; otherwise
+    /// changes nothing. Returns whether the units were taken.
     pub fn try_reserve(&self, cost: u64) -> bool {
-        // `fetch_update` is a `compare_exchange_weak` loop; a `None` from the closure denies.
-        self.available
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |current| {
-                current.checked_sub(cost)
-            })
-            .is_ok()
+        self.queue.is_empty() && self.take(cost)
     }
 
-    /// Gives `cost` units back; `available` never exceeds `capacity`.
+    /// Takes `cost` units if available, queue or not (the queue's own grant).
+    fn take(&self, cost: u64) -> bool {
+        match &self.refill {
+            // `fetch_update` is a `compare_exchange_weak` loop; a `None` from the closure denies.
+            None => self
+                .available
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |current| {
+                    current.checked_sub(cost)
+                })
+                .is_ok(),
+            Some(refill) => refill.try_take(cost),
+        }
+    }
+
+    /// Gives `cost` units back; `available` never exceeds `capacity`. Wakes waiters that fit.
     pub fn release(&self, cost: u64) {
-        let capacity = self.capacity;
-        // The closure never returns None, so the update always succeeds.
-        let _ = self
-            .available
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |current| {
-                Some(current.saturating_add(cost).min(capacity))
-            });
+        match &self.refill {
+            None => {
+                let capacity = self.capacity;
+                // The closure never returns None, so the update always succeeds.
+                let _ =
+                    self.available
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |current| {
+                            Some(current.saturating_add(cost).min(capacity))
+                        });
+            }
+            Some(refill) => refill.adjust(i128::from(cost)),
+        }
+        self.drain();
     }
 
-    /// Restores `available` to `capacity` (the start of a scheduling epoch).
+    /// Restores `available` to `capacity` (the start of a scheduling epoch). Wakes waiters.
     pub fn refill(&self) {
-        self.available.store(self.capacity, Ordering::Release);
+        match &self.refill {
+            None => self.available.store(self.capacity, Ordering::SeqCst),
+            Some(refill) => refill.set(i128::from(self.capacity)),
+        }
+        self.drain();
     }
 
     /// `(capacity - available) / capacity`, in `[0, 1]`; `0.0` for a zero capacity.
@@ -74,8 +135,48 @@ impl UnitBudget {
         if self.capacity == 0 {
             return 0.0;
         }
-        let used = self.capacity - self.available();
+        let used = self.capacity - self.available().min(self.capacity);
         used as f64 / self.capacity as f64
+    }
+
+    /// Whether new heads of the queue must be told to set a timer for the refill.
+    fn timed(&self) -> bool {
+        self.refill.as_ref().is_some_and(|r| !r.clock().is_manual())
+    }
+
+    fn drain(&self) {
+        self.queue.drain(|cost| self.take(cost), self.timed());
+    }
+
+    /// Queues `waiter` behind those already waiting; it is granted (its cost taken) as soon as
+    /// it is first in line and fits, possibly at once.
+    pub fn enqueue(&self, waiter: Arc<Waiter>) {
+        self.queue
+            .enqueue(waiter, |cost| self.take(cost), self.timed());
+    }
+
+    /// Takes `waiter` out of the queue. Returns `true` if it had been granted first, in which
+    /// case its units are the caller's (to keep, or to give back with [`release`](Self::release)).
+    pub fn cancel(&self, waiter: &Arc<Waiter>) -> bool {
+        self.queue
+            .cancel(waiter, |cost| self.take(cost), self.timed())
+    }
+
+    /// Nanoseconds until `waiter`, if first in line, fits by the rate refill alone; `None` if it
+    /// is not first, or only a release, a refill or a clock advance can make it fit.
+    #[must_use]
+    pub fn nanos_until_fits(&self, waiter: &Arc<Waiter>) -> Option<u64> {
+        let refill = self.refill.as_ref()?;
+        if !self.queue.is_head(waiter) {
+            return None;
+        }
+        refill.nanos_until(waiter.cost())
+    }
+}
+
+impl Wake for UnitBudget {
+    fn wake_waiters(&self) {
+        self.drain();
     }
 }
 
