@@ -13,6 +13,8 @@ mod rate;
 mod sync;
 mod token;
 mod unit;
+#[cfg(not(loom))]
+mod wait;
 
 pub use clock::{Clock, ManualClock, Wake};
 pub use hold::{Hold, RecordError};
@@ -20,6 +22,8 @@ pub use queue::{WaitQueue, Waiter};
 pub use rate::{MAX_RATE, RateError, Refill};
 pub use token::{MAX_TOKEN_CAPACITY, TokenLedger};
 pub use unit::UnitBudget;
+#[cfg(not(loom))]
+pub use wait::{WaitError, Waitable, wait_blocking};
 
 #[cfg(all(test, loom))]
 mod loom_models;
