@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Coroutine
 
-from costbound import _native
+from costbound import _native, _waiting
 
 __all__ = ["AtomicBudget", "AtomicTokenBudget"]
+
+# Registers the coroutine that suspended waits run.
+assert _waiting.wait is not None
 
 # The async methods return a native awaitable that completes in one step and has the whole
 # coroutine interface; registered, it is accepted wherever asyncio wants a coroutine

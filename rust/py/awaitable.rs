@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyTuple};
-use pyo3::{PyTypeInfo, ffi};
+use pyo3::{PyClass, PyTypeInfo, ffi};
 
 use super::token::AtomicTokenBudgetPy;
 use super::unit::AtomicBudgetPy;
@@ -105,7 +105,7 @@ impl Awaitable {
                     }
                     Grant::Tokens(budget, estimate) => Ok(budget
                         .get()
-                        .reserve_tokens(py, *estimate)?
+                        .grant_tokens(py, *estimate)?
                         .map_or_else(|| py.None(), Bound::unbind)),
                 }
             }
@@ -183,11 +183,31 @@ impl Awaitable {
     }
 }
 
-/// Replaces three slots of the `Awaitable` type with direct C entry points, so that `await`
-/// costs no Python frame, no argument parsing and, where the interpreter asks for it, no
-/// exception:
+/// An object whose `await` the interpreter enters through raw slots: [`Awaitable`], and the
+/// permits and token requests of [`super::wait`].
+pub(crate) trait FastAwait:
+    PyClass<Frozen = pyo3::pyclass::boolean_struct::True> + PyTypeInfo + Sync
+{
+    /// `am_await`: the iterator that `await` drives (often the object itself).
+    fn enter(slf: Borrowed<'_, '_, Self>) -> PyResult<Py<PyAny>>;
+    /// One step of that iterator when it is the object itself: the value it returns.
+    fn step(slf: Borrowed<'_, '_, Self>) -> PyResult<Py<PyAny>>;
+}
+
+impl FastAwait for Awaitable {
+    fn enter(slf: Borrowed<'_, '_, Self>) -> PyResult<Py<PyAny>> {
+        Ok(slf.to_owned().into_any().unbind())
+    }
+
+    fn step(slf: Borrowed<'_, '_, Self>) -> PyResult<Py<PyAny>> {
+        slf.get().step(slf.py())
+    }
+}
+
+/// Replaces three slots of `T`'s type with direct C entry points, so that `await` costs no
+/// Python frame, no argument parsing and, where the interpreter asks for it, no exception:
 ///
-/// * `am_await` returns the object itself;
+/// * `am_await` calls [`FastAwait::enter`] (for [`Awaitable`]: the object itself);
 /// * `am_send` (`PyIter_Send`: the `await` of Python 3.10 and 3.11, and asyncio's tasks on
 ///   every version) hands the value back as `PYGEN_RETURN`, with no `StopIteration`;
 /// * `tp_iternext` (the `await` of Python 3.12 and later) finishes a `None` result by returning
@@ -195,47 +215,55 @@ impl Awaitable {
 ///   raises `StopIteration(value)` only for other values.
 ///
 /// The Python-level `__await__`, `__next__` and `send` methods stay PyO3's; only the slots the
-/// interpreter calls directly change. Called once, from the module's initialisation.
-pub(crate) fn install_fast_slots(py: Python<'_>) {
-    let kind = Awaitable::type_object_raw(py);
-    // SAFETY: `kind` is the heap type PyO3 created for `Awaitable`; because the class defines
+/// interpreter calls directly change. Called once per type, from the module's initialisation.
+pub(crate) fn install_fast_slots<T: FastAwait>(py: Python<'_>) {
+    let kind = T::type_object_raw(py);
+    // SAFETY: `kind` is the heap type PyO3 created for `T`; because the class defines
     // `__await__`, its `tp_as_async` points at the type's own `PyAsyncMethods`. Nothing has
     // used the type yet, and `PyType_Modified` drops any cached lookups.
     unsafe {
         let async_methods = (*kind).tp_as_async;
-        assert!(!async_methods.is_null(), "Awaitable defines __await__");
-        (*async_methods).am_await = Some(await_slot);
-        (*async_methods).am_send = Some(send_slot);
-        (*kind).tp_iternext = Some(iternext_slot);
+        assert!(!async_methods.is_null(), "the class defines __await__");
+        (*async_methods).am_await = Some(await_slot::<T>);
+        (*async_methods).am_send = Some(send_slot::<T>);
+        (*kind).tp_iternext = Some(iternext_slot::<T>);
         ffi::PyType_Modified(kind);
     }
 }
 
-/// The `Awaitable` behind a pointer the interpreter passes to a slot.
+/// The `T` behind a pointer the interpreter passes to a slot.
 ///
 /// # Safety
-/// `slf` must point to a live `Awaitable`, and the calling thread must be attached.
-unsafe fn awaitable(py: Python<'_>, slf: *mut ffi::PyObject) -> Borrowed<'_, '_, Awaitable> {
-    // SAFETY: guaranteed by the caller; the slot belongs to the `Awaitable` type only.
+/// `slf` must point to a live `T`, and the calling thread must be attached.
+unsafe fn this<T: FastAwait>(py: Python<'_>, slf: *mut ffi::PyObject) -> Borrowed<'_, '_, T> {
+    // SAFETY: guaranteed by the caller; the slots belong to `T`'s type only.
     // Borrowed: the interpreter holds the reference for the call, so none is taken here.
     unsafe { Borrowed::from_ptr(py, slf).cast_unchecked() }
 }
 
-unsafe extern "C" fn await_slot(slf: *mut ffi::PyObject) -> *mut ffi::PyObject {
-    // SAFETY: a slot receives a live object; returning a new reference to it.
-    unsafe { ffi::Py_IncRef(slf) };
-    slf
+unsafe extern "C" fn await_slot<T: FastAwait>(slf: *mut ffi::PyObject) -> *mut ffi::PyObject {
+    // SAFETY: the interpreter calls slots attached, with a live `T`.
+    unsafe {
+        let py = Python::assume_attached();
+        match T::enter(this::<T>(py, slf)) {
+            Ok(iterator) => iterator.into_ptr(),
+            Err(err) => {
+                err.restore(py);
+                std::ptr::null_mut()
+            }
+        }
+    }
 }
 
-unsafe extern "C" fn send_slot(
+unsafe extern "C" fn send_slot<T: FastAwait>(
     slf: *mut ffi::PyObject,
     _value: *mut ffi::PyObject,
     result: *mut *mut ffi::PyObject,
 ) -> ffi::PySendResult {
-    // SAFETY: the interpreter calls slots attached, with a live `Awaitable` and a valid `result`.
+    // SAFETY: the interpreter calls slots attached, with a live `T` and a valid `result`.
     unsafe {
         let py = Python::assume_attached();
-        match awaitable(py, slf).get().step(py) {
+        match T::step(this::<T>(py, slf)) {
             Ok(value) => {
                 *result = value.into_ptr();
                 ffi::PySendResult::PYGEN_RETURN
@@ -249,11 +277,11 @@ unsafe extern "C" fn send_slot(
     }
 }
 
-unsafe extern "C" fn iternext_slot(slf: *mut ffi::PyObject) -> *mut ffi::PyObject {
-    // SAFETY: the interpreter calls slots attached, with a live `Awaitable`.
+unsafe extern "C" fn iternext_slot<T: FastAwait>(slf: *mut ffi::PyObject) -> *mut ffi::PyObject {
+    // SAFETY: the interpreter calls slots attached, with a live `T`.
     unsafe {
         let py = Python::assume_attached();
-        match awaitable(py, slf).get().step(py) {
+        match T::step(this::<T>(py, slf)) {
             Ok(value) if value.is_none(py) => {}
             Ok(value) => finish_with(py, value),
             Err(err) => err.restore(py),
@@ -263,7 +291,7 @@ unsafe extern "C" fn iternext_slot(slf: *mut ffi::PyObject) -> *mut ffi::PyObjec
 }
 
 /// Raises `StopIteration(value)`, the iterator protocol's way of returning `value`.
-fn finish_with(py: Python<'_>, value: Py<PyAny>) {
+pub(crate) fn finish_with(py: Python<'_>, value: Py<PyAny>) {
     let value = value.into_bound(py);
     // A tuple or an exception given to `PyErr_SetObject` would be taken apart as arguments,
     // so those (never a budget's result, but cheap to get right) are wrapped first.

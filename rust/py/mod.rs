@@ -7,6 +7,7 @@ mod error;
 mod fastcall;
 mod token;
 mod unit;
+mod wait;
 
 use pyo3::prelude::*;
 
@@ -23,10 +24,18 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<token::ReservationPy>()?;
     m.add_class::<token::NativeRefundPy>()?;
     m.add_class::<awaitable::Awaitable>()?;
-    awaitable::install_fast_slots(m.py());
+    awaitable::install_fast_slots::<awaitable::Awaitable>(m.py());
     // Made at import, so that no call ever has to allocate (or fail to allocate) it.
     let _ = awaitable::Awaitable::none(m.py());
+    m.add_class::<wait::PermitPy>()?;
+    awaitable::install_fast_slots::<wait::PermitPy>(m.py());
+    m.add_class::<wait::TokenRequestPy>()?;
+    awaitable::install_fast_slots::<wait::TokenRequestPy>(m.py());
+    m.add_class::<wait::WaiterPy>()?;
+    m.add_class::<wait::ManualClockPy>()?;
     m.add_function(wrap_pyfunction!(token::register_reservation_type, m)?)?;
+    m.add_function(wrap_pyfunction!(wait::register_wait, m)?)?;
+    m.add("MAX_RATE", crate::core::MAX_RATE)?;
     m.add("MAX_UNITS", u64::MAX)?;
     m.add("MAX_TOKEN_CAPACITY", crate::core::MAX_TOKEN_CAPACITY)?;
     Ok(())

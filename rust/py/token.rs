@@ -16,6 +16,7 @@ use pyo3::{PyTraverseError, PyTypeInfo};
 use super::args::{to_u64, type_name};
 use super::awaitable::{Awaitable, Grant};
 use super::error::Error;
+use super::wait::{TokenRequestPy, check_fits, rate_error, to_clock, to_rate, to_timeout};
 use crate::core::{Hold, MAX_TOKEN_CAPACITY, RecordError, TokenLedger};
 
 /// A lock-free token budget with debt. Subclassed by `costbound.AtomicTokenBudget`.
@@ -32,7 +33,7 @@ pub(crate) struct AtomicTokenBudgetPy {
 
 impl AtomicTokenBudgetPy {
     /// An armed reservation of `estimate`, or `None` if it does not fit.
-    pub(crate) fn reserve_tokens<'py>(
+    pub(crate) fn grant_tokens<'py>(
         &self,
         py: Python<'py>,
         estimate: u64,
@@ -46,11 +47,64 @@ impl AtomicTokenBudgetPy {
 #[pymethods]
 impl AtomicTokenBudgetPy {
     #[new]
-    fn new(capacity: &Bound<'_, PyAny>) -> PyResult<Self> {
+    #[pyo3(signature = (capacity, *, rate = None, clock = None))]
+    fn new(
+        capacity: &Bound<'_, PyAny>,
+        rate: Option<&Bound<'_, PyAny>>,
+        clock: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
         let capacity = to_u64(capacity, "capacity", MAX_TOKEN_CAPACITY)?;
-        Ok(Self {
-            ledger: Arc::new(TokenLedger::new(capacity)),
-        })
+        let rate = to_rate(rate)?;
+        let clock = to_clock(clock)?;
+        let ledger = if rate == 0.0 {
+            Arc::new(TokenLedger::new(capacity))
+        } else {
+            TokenLedger::with_rate(capacity, rate, clock).map_err(|e| rate_error(e, rate))?
+        };
+        Ok(Self { ledger })
+    }
+
+    /// Tokens that flow back per second, paying debt first, up to `capacity` (`0.0`: none).
+    #[getter]
+    fn rate(&self) -> f64 {
+        self.ledger.rate()
+    }
+
+    /// How many `reserve_tokens` calls wait in the queue now.
+    #[getter]
+    fn waiters(&self) -> usize {
+        self.ledger.waiters()
+    }
+
+    /// A request for `estimate` tokens: `await` it to wait until it fits (first come, first
+    /// served) and get an armed `TokenReservation`; as an async context manager it refunds an
+    /// armed reservation on exit. `TimeoutError` after `timeout` seconds with nothing taken; an
+    /// estimate above `capacity` is a `ValueError` at once.
+    #[pyo3(signature = (estimate, *, timeout = None))]
+    fn reserve_tokens(
+        &self,
+        estimate: &Bound<'_, PyAny>,
+        timeout: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<TokenRequestPy> {
+        let estimate = to_u64(estimate, "estimate", u64::MAX)?;
+        let timeout = to_timeout(timeout)?;
+        check_fits("estimate", estimate, self.ledger.capacity())?;
+        Ok(TokenRequestPy::new(self.ledger.clone(), estimate, timeout))
+    }
+
+    /// Waits on this thread until `estimate` fits and returns the armed `TokenReservation` (a
+    /// context manager that refunds it on exit unless recorded). `TimeoutError` after `timeout`
+    /// seconds; `RuntimeError` on a thread that runs an event loop.
+    #[pyo3(signature = (estimate, *, timeout = None))]
+    fn reserve_tokens_blocking<'py>(
+        &self,
+        py: Python<'py>,
+        estimate: &Bound<'py, PyAny>,
+        timeout: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let estimate = to_u64(estimate, "estimate", u64::MAX)?;
+        let timeout = to_timeout(timeout)?;
+        TokenRequestPy::block(py, &self.ledger, estimate, timeout)
     }
 
     /// The capacity given at construction.
@@ -88,7 +142,7 @@ impl AtomicTokenBudgetPy {
         py: Python<'py>,
         estimate: &Bound<'py, PyAny>,
     ) -> PyResult<Option<Bound<'py, PyAny>>> {
-        self.reserve_tokens(py, to_u64(estimate, "estimate", u64::MAX)?)
+        self.grant_tokens(py, to_u64(estimate, "estimate", u64::MAX)?)
     }
 
     /// Disarms `reservation` and settles it against `prompt + completion` tokens.
@@ -168,13 +222,19 @@ impl AtomicTokenBudgetPy {
 
     fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {
         let ledger = &slf.get().ledger;
+        let rate = ledger.rate();
         Ok(format!(
-            "{}(capacity={}, available={}, debt={}, consumed={})",
+            "{}(capacity={}, available={}, debt={}, consumed={}{})",
             slf.get_type().qualname()?,
             ledger.capacity(),
             ledger.available(),
             ledger.debt(),
-            ledger.consumed()
+            ledger.consumed(),
+            if rate > 0.0 {
+                format!(", rate={rate}")
+            } else {
+                String::new()
+            }
         ))
     }
 }
@@ -259,7 +319,7 @@ impl ReservationPy {
     /// `TokenReservation`, which Python runs when the last reference goes or a cycle is collected.
     /// A refund that raises propagates to the interpreter, which reports it as unraisable.
     #[pyo3(name = "__del__")]
-    fn refund_if_armed(&self, py: Python<'_>) -> PyResult<()> {
+    pub(crate) fn refund_if_armed(&self, py: Python<'_>) -> PyResult<()> {
         match &self.refund {
             Refund::Native(hold) => {
                 hold.refund();
@@ -272,6 +332,16 @@ impl ReservationPy {
             }
         }
         Ok(())
+    }
+
+    fn __enter__(slf: &Bound<'_, Self>) -> Py<Self> {
+        slf.clone().unbind()
+    }
+
+    /// Leaving a `with` block refunds the reservation if it is still armed.
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) -> PyResult<()> {
+        self.refund_if_armed(py)
     }
 
     fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
@@ -379,7 +449,7 @@ fn issuing_marker(py: Python<'_>) -> &Bound<'_, PyAny> {
 /// Wraps a granted hold in a `TokenReservation` without running any Python code: the hold is
 /// passed to `Reservation.__new__` through a thread-local, and the constructor is called with
 /// cached arguments, so issuing allocates nothing but the reservation itself.
-fn issue_reservation(py: Python<'_>, hold: Hold) -> PyResult<Bound<'_, PyAny>> {
+pub(crate) fn issue_reservation(py: Python<'_>, hold: Hold) -> PyResult<Bound<'_, PyAny>> {
     let kind = RESERVATION_TYPE
         .get(py)
         .map_or_else(|| ReservationPy::type_object(py), |t| t.bind(py).clone());

@@ -5,9 +5,12 @@ use std::ffi::CStr;
 use pyo3::prelude::*;
 use pyo3::types::PyBool;
 
+use std::sync::Arc;
+
 use super::args::to_u64;
 use super::awaitable::{Awaitable, Grant};
 use super::fastcall::U64Method;
+use super::wait::{PermitPy, check_fits, rate_error, to_clock, to_rate, to_timeout};
 use crate::core::UnitBudget;
 
 /// A lock-free budget of unit costs (rows, requests, queue slots). Subclassed by
@@ -20,7 +23,7 @@ use crate::core::UnitBudget;
     name = "AtomicBudget"
 )]
 pub(crate) struct AtomicBudgetPy {
-    core: UnitBudget,
+    core: Arc<UnitBudget>,
 }
 
 impl AtomicBudgetPy {
@@ -33,10 +36,63 @@ impl AtomicBudgetPy {
 #[pymethods]
 impl AtomicBudgetPy {
     #[new]
-    fn new(capacity: &Bound<'_, PyAny>) -> PyResult<Self> {
-        Ok(Self {
-            core: UnitBudget::new(to_u64(capacity, "capacity", u64::MAX)?),
-        })
+    #[pyo3(signature = (capacity, *, rate = None, clock = None))]
+    fn new(
+        capacity: &Bound<'_, PyAny>,
+        rate: Option<&Bound<'_, PyAny>>,
+        clock: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let capacity = to_u64(capacity, "capacity", u64::MAX)?;
+        let rate = to_rate(rate)?;
+        let clock = to_clock(clock)?;
+        let core = if rate == 0.0 && !rate.is_nan() {
+            Arc::new(UnitBudget::new(capacity))
+        } else {
+            UnitBudget::with_rate(capacity, rate, clock).map_err(|e| rate_error(e, rate))?
+        };
+        Ok(Self { core })
+    }
+
+    /// Units that flow back per second, up to `capacity` (`0.0`: none).
+    #[getter]
+    fn rate(&self) -> f64 {
+        self.core.rate()
+    }
+
+    /// How many `reserve` calls wait in the queue now.
+    #[getter]
+    fn waiters(&self) -> usize {
+        self.core.waiters()
+    }
+
+    /// A `Permit` for `cost` units: `await` it (or `async with` it) to wait until they fit, first
+    /// come, first served. `TimeoutError` after `timeout` seconds with nothing taken; a cost
+    /// above `capacity` is a `ValueError` at once.
+    #[pyo3(signature = (cost, *, timeout = None))]
+    fn reserve(
+        &self,
+        cost: &Bound<'_, PyAny>,
+        timeout: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<PermitPy> {
+        let cost = to_u64(cost, "cost", u64::MAX)?;
+        let timeout = to_timeout(timeout)?;
+        check_fits("cost", cost, self.core.capacity())?;
+        Ok(PermitPy::new(self.core.clone(), cost, timeout, false))
+    }
+
+    /// Waits on this thread until `cost` units fit and returns the granted `Permit` (a context
+    /// manager that releases on exit). `TimeoutError` after `timeout` seconds; `RuntimeError` on
+    /// a thread that runs an event loop.
+    #[pyo3(signature = (cost, *, timeout = None))]
+    fn reserve_blocking(
+        &self,
+        py: Python<'_>,
+        cost: &Bound<'_, PyAny>,
+        timeout: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<PermitPy> {
+        let cost = to_u64(cost, "cost", u64::MAX)?;
+        let timeout = to_timeout(timeout)?;
+        PermitPy::block(py, &self.core, cost, timeout)
     }
 
     /// The capacity given at construction.
@@ -64,11 +120,17 @@ impl AtomicBudgetPy {
 
     fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {
         let core = &slf.get().core;
+        let rate = core.rate();
         Ok(format!(
-            "{}(capacity={}, available={})",
+            "{}(capacity={}, available={}{})",
             slf.get_type().qualname()?,
             core.capacity(),
-            core.available()
+            core.available(),
+            if rate > 0.0 {
+                format!(", rate={rate}")
+            } else {
+                String::new()
+            }
         ))
     }
 }

@@ -1,0 +1,113 @@
+"""The suspended half of an async wait: what runs once a request does not fit at once.
+
+The native ``Permit`` and ``TokenRequest`` complete ``await`` without suspending when there is
+room and no queue. Otherwise they hand over to :func:`wait`, which queues a native waiter whose
+grant is made by the budget itself (a release, refund, refill or clock advance on any thread
+takes the units for the head of the queue, in order, and wakes it). This coroutine only sleeps
+on the caller's event loop until woken, sets the timer a rate refill needs, and cleans up: a
+timeout or a cancellation leaves no unit taken and no waiter behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any, Protocol
+
+from costbound import _native
+
+__all__ = ["wait"]
+
+
+class _Waiter(Protocol):
+    @property
+    def granted(self) -> bool: ...
+    def poll(self) -> float | None: ...
+    def withdraw(self) -> bool: ...
+    def give_back(self) -> None: ...
+
+
+class _Owner(Protocol):
+    def _enqueue(self, wake: Any) -> _Waiter: ...
+    def _finish(self, waiter: Any) -> Any: ...
+    def _reset(self) -> None: ...
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class _Signal:
+    """A wake-up flag for one waiting task: set from any thread, awaited on its loop."""
+
+    __slots__ = ("_flag", "_future", "_loop", "_thread")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.get_ident()
+        self._future: asyncio.Future[None] | None = None
+        self._flag = False
+
+    def wake(self) -> None:
+        """Called by the budget (never under its lock) from whichever thread made room."""
+        if threading.get_ident() == self._thread:
+            self._fire()
+        else:
+            try:
+                self._loop.call_soon_threadsafe(self._fire)
+            except RuntimeError:  # the loop is closed: its tasks are gone, nothing to wake
+                pass
+
+    def _fire(self) -> None:
+        self._flag = True
+        if self._future is not None:
+            _resolve(self._future)
+
+    async def sleep(self, delay: float | None) -> None:
+        """Returns once woken (at once if woken since the last sleep) or after ``delay``."""
+        if self._flag:
+            self._flag = False
+            return
+        future = self._loop.create_future()
+        self._future = future
+        timer = None if delay is None else self._loop.call_later(delay, _resolve, future)
+        try:
+            await future
+        finally:
+            self._future = None
+            self._flag = False
+            if timer is not None:
+                timer.cancel()
+
+
+async def wait(owner: _Owner, timeout: float | None) -> Any:
+    """Queues ``owner``'s request and waits for its grant; returns ``owner._finish(waiter)``."""
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    signal = _Signal(loop)
+    waiter = owner._enqueue(signal.wake)
+    try:
+        while not waiter.granted:
+            delay = waiter.poll()  # grants whatever fits; the refill timer if first in line
+            if waiter.granted:
+                break
+            if deadline is not None:
+                left = deadline - loop.time()
+                if left <= 0:
+                    if waiter.withdraw():  # granted at the last moment: keep it
+                        break
+                    raise TimeoutError(f"no room in the budget within the timeout of {timeout} s")
+                delay = left if delay is None else min(delay, left)
+            await signal.sleep(delay)
+    except BaseException:
+        # Cancelled, timed out or interrupted: leave the queue, and give back a grant that
+        # raced the exception, so that nothing is taken and the next waiter is served.
+        if waiter.withdraw():
+            waiter.give_back()
+        owner._reset()
+        raise
+    return owner._finish(waiter)
+
+
+_native.register_wait(wait)
