@@ -1,17 +1,25 @@
 """costbound: lock-free budget gates for LLM agents (unit costs, tokens, dollars)."""
 
-from costbound._atomic import AtomicBudget, AtomicTokenBudget
+from costbound._admit import Admission, Ticket, admit, admit_blocking, try_admit
+from costbound._atomic import AtomicBudget, AtomicTokenBudget, Permit, TokenRequest
 from costbound._errors import BackendError, BudgetError
 from costbound._protocols import BudgetGuard, TokenBudget
 from costbound._reservation import TokenRefund, TokenReservation
 
 __all__ = [
+    "Admission",
     "AtomicBudget",
     "AtomicTokenBudget",
     "BackendError",
     "BudgetError",
     "BudgetGuard",
+    "Permit",
+    "Ticket",
     "TokenBudget",
     "TokenRefund",
+    "TokenRequest",
     "TokenReservation",
+    "admit",
+    "admit_blocking",
+    "try_admit",
 ]

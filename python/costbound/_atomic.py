@@ -6,10 +6,13 @@ from collections.abc import Coroutine
 
 from costbound import _native, _waiting
 
-__all__ = ["AtomicBudget", "AtomicTokenBudget"]
+__all__ = ["AtomicBudget", "AtomicTokenBudget", "Permit", "TokenRequest"]
 
-# Registers the coroutine that suspended waits run.
-assert _waiting.wait is not None
+Permit = _native.Permit
+TokenRequest = _native.TokenRequest
+
+# A native Permit or TokenRequest that must suspend hands over to this coroutine.
+_native.register_wait(_waiting.wait)
 
 # The async methods return a native awaitable that completes in one step and has the whole
 # coroutine interface; registered, it is accepted wherever asyncio wants a coroutine
@@ -28,6 +31,10 @@ class AtomicBudget(_native.AtomicBudget):
         (True, False)
         >>> b.release_sync(60); b.available
         100
+
+    ``reserve(cost, timeout=...)`` waits for room (first come, first served) and gives a
+    ``Permit``; ``reserve_blocking`` does the same for threads. ``rate=`` makes that many units
+    flow back per second, up to ``capacity`` (a requests-per-second limit with a burst).
     """
 
     __slots__ = ()
@@ -46,6 +53,11 @@ class AtomicTokenBudget(_native.AtomicTokenBudget):
         >>> tb.record_usage_sync(r, 120, 80)
         >>> tb.available, tb.consumed
         (800, 200)
+
+    ``reserve_tokens(estimate, timeout=...)`` waits for room (first come, first served) and gives
+    an armed reservation; ``reserve_tokens_blocking`` does the same for threads. ``rate=`` makes
+    that many tokens flow back per second, debt first, up to ``capacity``:
+    ``AtomicTokenBudget(90_000, rate=90_000 / 60)`` is a 90k tokens-per-minute limit.
     """
 
     __slots__ = ()

@@ -11,10 +11,14 @@ timeout or a cancellation leaves no unit taken and no waiter behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import threading
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
-from costbound import _native
+_T = TypeVar("_T")
+_T_co = TypeVar("_T_co", covariant=True)
 
 __all__ = ["wait"]
 
@@ -27,9 +31,9 @@ class _Waiter(Protocol):
     def give_back(self) -> None: ...
 
 
-class _Owner(Protocol):
-    def _enqueue(self, wake: Any) -> _Waiter: ...
-    def _finish(self, waiter: Any) -> Any: ...
+class _Owner(Protocol[_T_co]):
+    def _enqueue(self, wake: Callable[[], None], /) -> _Waiter: ...
+    def _finish(self, waiter: _Waiter, /) -> _T_co: ...
     def _reset(self) -> None: ...
 
 
@@ -50,14 +54,13 @@ class _Signal:
         self._flag = False
 
     def wake(self) -> None:
-        """Called by the budget (never under its lock) from whichever thread made room."""
+        """Wake the task; the budget calls it (never under its lock) from any thread."""
         if threading.get_ident() == self._thread:
             self._fire()
         else:
-            try:
+            # A closed loop raises RuntimeError: its tasks are gone, there is nothing to wake.
+            with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._fire)
-            except RuntimeError:  # the loop is closed: its tasks are gone, nothing to wake
-                pass
 
     def _fire(self) -> None:
         self._flag = True
@@ -65,7 +68,7 @@ class _Signal:
             _resolve(self._future)
 
     async def sleep(self, delay: float | None) -> None:
-        """Returns once woken (at once if woken since the last sleep) or after ``delay``."""
+        """Return once woken (at once if woken since the last sleep) or after ``delay``."""
         if self._flag:
             self._flag = False
             return
@@ -81,10 +84,10 @@ class _Signal:
                 timer.cancel()
 
 
-async def wait(owner: _Owner, timeout: float | None) -> Any:
-    """Queues ``owner``'s request and waits for its grant; returns ``owner._finish(waiter)``."""
+async def wait(owner: _Owner[_T], timeout: float | None) -> _T:
+    """Queue ``owner``'s request and wait for its grant; return ``owner._finish(waiter)``."""
     loop = asyncio.get_running_loop()
-    deadline = None if timeout is None else loop.time() + timeout
+    deadline = None if timeout is None or math.isinf(timeout) else loop.time() + timeout
     signal = _Signal(loop)
     waiter = owner._enqueue(signal.wake)
     try:
@@ -108,6 +111,3 @@ async def wait(owner: _Owner, timeout: float | None) -> Any:
         owner._reset()
         raise
     return owner._finish(waiter)
-
-
-_native.register_wait(wait)

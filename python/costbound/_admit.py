@@ -1,0 +1,477 @@
+"""All-or-nothing admission across several budgets: ``admit``, ``try_admit``, ``admit_blocking``.
+
+One request often needs several budgets at once: a row, a concurrency slot, an estimate of
+tokens. Taking them one after another races (two requests each get half and wait for the other
+half) and leaks on error. Admission takes every part or none: when a part is denied or raises,
+the parts already taken are given back before it waits, returns ``None`` or re-raises.
+
+Waiting never holds one part while waiting for another. A denied part that can wait (a native
+budget, or any budget with ``reserve`` / ``reserve_tokens``) is waited for in its own queue, in
+turn, and is then held only while the other parts are *tried*; if one of those is denied, the
+held part goes back and the wait moves to the part that denied. A part that cannot signal (a
+user-written ``BudgetGuard`` with only the protocol's two methods) is retried with capped
+exponential backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import operator
+import threading
+import time
+from collections.abc import Awaitable, Callable, Generator, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, TypeVar
+
+from costbound import _native
+from costbound._protocols import BudgetGuard, TokenBudget
+from costbound._reservation import TokenReservation
+
+__all__ = ["Admission", "Ticket", "admit", "admit_blocking", "try_admit"]
+
+_T = TypeVar("_T")
+
+_FIRST_BACKOFF = 0.001
+_MAX_BACKOFF = 0.05
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One budget and the amount to take from it."""
+
+    budget: Any
+    amount: int
+    is_tokens: bool
+
+    @property
+    def can_wait(self) -> bool:
+        name = "reserve_tokens" if self.is_tokens else "reserve"
+        return callable(getattr(self.budget, name, None))
+
+    @property
+    def can_wait_blocking(self) -> bool:
+        name = "reserve_tokens_blocking" if self.is_tokens else "reserve_blocking"
+        return callable(getattr(self.budget, name, None))
+
+
+def _parts(
+    guards: Mapping[BudgetGuard, int] | None, tokens: Mapping[TokenBudget, int] | None
+) -> list[_Part]:
+    parts: list[_Part] = []
+    for mapping, is_tokens, protocol, what in (
+        (guards, False, BudgetGuard, "guards"),
+        (tokens, True, TokenBudget, "tokens"),
+    ):
+        if mapping is None:
+            continue
+        if not isinstance(mapping, Mapping):
+            raise TypeError(f"{what} must be a mapping of budget to amount, not {type(mapping)}")
+        for budget, amount in mapping.items():
+            if not isinstance(budget, protocol):
+                raise TypeError(
+                    f"{what} keys must be {protocol.__name__} objects, not {type(budget).__name__}"
+                )
+            if isinstance(amount, bool):
+                raise TypeError(f"the amount for {budget!r} must be an int, not bool")
+            try:
+                index = operator.index(amount)
+            except TypeError:
+                raise TypeError(
+                    f"the amount for {budget!r} must be an int, not {type(amount).__name__}"
+                ) from None
+            if index < 0:
+                raise ValueError(f"the amount for {budget!r} must be >= 0, got {index}")
+            parts.append(_Part(budget, index, is_tokens))
+    return parts
+
+
+def _check_fits(parts: list[_Part]) -> None:
+    """Refuse at once a waiting admission with a part that can never fit (``ValueError``)."""
+    for part in parts:
+        budget = part.budget
+        native = isinstance(budget, (_native.AtomicBudget, _native.AtomicTokenBudget))
+        if native and part.amount > budget.capacity:
+            raise ValueError(
+                f"the amount {part.amount} for {budget!r} is above its capacity "
+                f"{budget.capacity}: it can never fit, so waiting for it would never end"
+            )
+
+
+def _refund(reservation: TokenReservation) -> None:
+    refund = reservation.disarm()
+    if refund is not None:
+        refund(reservation.estimate)
+
+
+async def _await(awaitable: Awaitable[_T]) -> _T:
+    return await awaitable
+
+
+def _run(awaitable: Awaitable[_T]) -> _T:
+    """Run a user-written budget's async method on a private event loop (threads only)."""
+    return asyncio.run(_await(awaitable))
+
+
+def _refuse_on_a_loop(call: str) -> None:
+    if asyncio.events._get_running_loop() is not None:
+        raise RuntimeError(
+            f"{call}() was called on a thread that is running an event loop, which it would "
+            "block; use `async with costbound.admit(...)` instead"
+        )
+
+
+class Ticket:
+    """The parts an admission took.
+
+    Closing it (leaving its ``with`` / ``async with`` block, or ``await ticket.close()`` /
+    ``ticket.close_sync()``) releases every guard part once and refunds every token reservation
+    that was not recorded. Closing twice does nothing.
+    """
+
+    __slots__ = ("_closed", "_guards", "_lock", "_reservations")
+
+    def __init__(self, guards: dict[Any, int], reservations: dict[Any, TokenReservation]) -> None:
+        self._guards = guards
+        self._reservations = reservations
+        self._closed = False
+        self._lock = threading.Lock()
+
+    @property
+    def reservations(self) -> Mapping[TokenBudget, TokenReservation]:
+        """The armed reservation taken on each token budget, to pass to ``record_usage``."""
+        return self._reservations
+
+    @property
+    def guards(self) -> Mapping[BudgetGuard, int]:
+        """The units taken on each guard."""
+        return self._guards
+
+    @property
+    def closed(self) -> bool:
+        """Whether the parts were given back."""
+        return self._closed
+
+    def _claim_close(self) -> bool:
+        with self._lock:
+            if self._closed:
+                return False
+            self._closed = True
+            return True
+
+    async def close(self) -> None:
+        """Releases the guard parts and refunds the unrecorded reservations, once."""
+        if not self._claim_close():
+            return
+        # Every part goes back even if one raises; the first error is raised after.
+        errors: list[BaseException] = []
+        for budget, cost in self._guards.items():
+            await _collect_async(errors, budget.release(cost))
+        for reservation in self._reservations.values():
+            _collect(errors, _refund, reservation)
+        if errors:
+            raise errors[0]
+
+    def close_sync(self) -> None:
+        """``close()`` for threads."""
+        if not self._claim_close():
+            return
+        errors: list[BaseException] = []
+        for budget, cost in self._guards.items():
+            _collect(errors, _release_sync, budget, cost)
+        for reservation in self._reservations.values():
+            _collect(errors, _refund, reservation)
+        if errors:
+            raise errors[0]
+
+    async def __aenter__(self) -> Ticket:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def __enter__(self) -> Ticket:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close_sync()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return (
+            f"<Ticket {state}: {len(self._guards)} guard(s), "
+            f"{len(self._reservations)} reservation(s)>"
+        )
+
+
+def _collect(errors: list[BaseException], call: Callable[..., object], *args: object) -> None:
+    try:
+        call(*args)
+    except BaseException as exc:  # noqa: BLE001 (collected; the first is raised later)
+        errors.append(exc)
+
+
+async def _collect_async(errors: list[BaseException], awaitable: Awaitable[object]) -> None:
+    try:
+        await awaitable
+    except BaseException as exc:  # noqa: BLE001 (collected; the first is raised later)
+        errors.append(exc)
+
+
+def _release_sync(budget: BudgetGuard, cost: int) -> None:
+    release_sync = getattr(budget, "release_sync", None)
+    if callable(release_sync):
+        release_sync(cost)
+    else:
+        _run(budget.release(cost))
+
+
+class _Held:
+    """The parts taken so far by one attempt, to keep or give back together."""
+
+    __slots__ = ("guards", "reservations")
+
+    def __init__(self) -> None:
+        self.guards: dict[Any, int] = {}
+        self.reservations: dict[Any, TokenReservation] = {}
+
+    def add(self, part: _Part, handle: TokenReservation | bool) -> None:
+        if isinstance(handle, TokenReservation):
+            self.reservations[part.budget] = handle
+        else:
+            self.guards[part.budget] = part.amount
+
+    def holds(self, part: _Part) -> bool:
+        return part.budget in (self.reservations if part.is_tokens else self.guards)
+
+    def ticket(self) -> Ticket:
+        ticket = Ticket(self.guards, self.reservations)
+        self.guards, self.reservations = {}, {}
+        return ticket
+
+    async def give_back(self) -> None:
+        guards, reservations = self.guards, self.reservations
+        self.guards, self.reservations = {}, {}
+        await Ticket(guards, reservations).close()
+
+    def give_back_sync(self) -> None:
+        guards, reservations = self.guards, self.reservations
+        self.guards, self.reservations = {}, {}
+        Ticket(guards, reservations).close_sync()
+
+
+async def _try_take(part: _Part) -> TokenReservation | bool | None:
+    """Take the part without waiting: its handle (a reservation, or ``True``); ``None`` if not."""
+    if part.is_tokens:
+        reservation: TokenReservation | None = await part.budget.try_reserve_tokens(part.amount)
+        return reservation
+    return True if await part.budget.try_reserve(part.amount) else None
+
+
+def _try_take_sync(part: _Part) -> TokenReservation | bool | None:
+    budget = part.budget
+    if part.is_tokens:
+        method = getattr(budget, "try_reserve_tokens_sync", None)
+        reservation: TokenReservation | None
+        if callable(method):
+            reservation = method(part.amount)
+        else:
+            reservation = _run(budget.try_reserve_tokens(part.amount))
+        return reservation
+    method = getattr(budget, "try_reserve_sync", None)
+    granted = method(part.amount) if callable(method) else _run(budget.try_reserve(part.amount))
+    return True if granted else None
+
+
+async def _attempt(parts: list[_Part], held: _Held) -> _Part | None:
+    """Try every part not yet held; return the first denied, or ``None`` when all are held."""
+    for part in parts:
+        if held.holds(part):
+            continue
+        handle = await _try_take(part)
+        if handle is None:
+            return part
+        held.add(part, handle)
+    return None
+
+
+def _attempt_sync(parts: list[_Part], held: _Held) -> _Part | None:
+    for part in parts:
+        if held.holds(part):
+            continue
+        handle = _try_take_sync(part)
+        if handle is None:
+            return part
+        held.add(part, handle)
+    return None
+
+
+def _timed_out(timeout: float | None) -> TimeoutError:
+    return TimeoutError(f"could not admit every part within the timeout of {timeout} s")
+
+
+async def _admit(parts: list[_Part], timeout: float | None) -> Ticket:
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    held = _Held()
+    backoff = _FIRST_BACKOFF
+    try:
+        while True:
+            blocker = await _attempt(parts, held)
+            if blocker is None:
+                return held.ticket()
+            await held.give_back()
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                raise _timed_out(timeout)
+            if blocker.can_wait:
+                # Wait in the denied part's own queue, then hold it while trying the others.
+                if blocker.is_tokens:
+                    handle = await blocker.budget.reserve_tokens(blocker.amount, timeout=left)
+                else:
+                    await blocker.budget.reserve(blocker.amount, timeout=left)
+                    handle = True
+                held.add(blocker, handle)
+            else:
+                await asyncio.sleep(backoff if left is None else min(backoff, left))
+                backoff = min(backoff * 2, _MAX_BACKOFF)
+    except BaseException:
+        await held.give_back()
+        raise
+
+
+class Admission:
+    """What ``admit()`` returns.
+
+    ``await`` it for a ``Ticket``, or use it with ``async with``, which closes the ticket on exit
+    (on success, error or cancellation).
+    """
+
+    __slots__ = ("_parts", "_ticket", "_timeout")
+
+    def __init__(self, parts: list[_Part], timeout: float | None) -> None:
+        self._parts = parts
+        self._timeout = timeout
+        self._ticket: Ticket | None = None
+
+    def __await__(self) -> Generator[Any, None, Ticket]:
+        return _admit(self._parts, self._timeout).__await__()
+
+    async def __aenter__(self) -> Ticket:
+        self._ticket = await _admit(self._parts, self._timeout)
+        return self._ticket
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        ticket, self._ticket = self._ticket, None
+        if ticket is not None:
+            await ticket.close()
+
+
+def _check_timeout(timeout: float | None) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout)}")
+    if not timeout >= 0:
+        raise ValueError(f"timeout must be a number of seconds >= 0 or None, got {timeout}")
+    return float(timeout)
+
+
+def admit(
+    *,
+    guards: Mapping[BudgetGuard, int] | None = None,
+    tokens: Mapping[TokenBudget, int] | None = None,
+    timeout: float | None = None,
+) -> Admission:
+    """Take every part or none, waiting (up to ``timeout`` seconds) until all fit together.
+
+    ``guards`` maps each ``BudgetGuard`` to the units to take; ``tokens`` maps each
+    ``TokenBudget`` to the estimate to reserve. Use it as ``async with admit(...) as ticket``;
+    ``ticket.reservations[budget]`` is the reservation to record. ``TimeoutError`` on expiry
+    and cancellation leave nothing taken; a part above a native budget's capacity is a
+    ``ValueError`` at once.
+    """
+    parts = _parts(guards, tokens)
+    timeout = _check_timeout(timeout)
+    _check_fits(parts)
+    return Admission(parts, timeout)
+
+
+async def try_admit(
+    *,
+    guards: Mapping[BudgetGuard, int] | None = None,
+    tokens: Mapping[TokenBudget, int] | None = None,
+) -> Ticket | None:
+    """Take every part or none, without waiting.
+
+    Returns a ``Ticket``, or ``None`` if a part is denied (the parts already taken are given
+    back first).
+    """
+    parts = _parts(guards, tokens)
+    held = _Held()
+    try:
+        if await _attempt(parts, held) is None:
+            return held.ticket()
+    except BaseException:
+        await held.give_back()
+        raise
+    await held.give_back()
+    return None
+
+
+def admit_blocking(
+    *,
+    guards: Mapping[BudgetGuard, int] | None = None,
+    tokens: Mapping[TokenBudget, int] | None = None,
+    timeout: float | None = None,
+) -> Ticket:
+    """Take every part or none, waiting on this thread: ``admit`` for threads.
+
+    Returns the ``Ticket`` (a context manager that closes it on exit). ``RuntimeError`` on a
+    thread that runs an event loop.
+    """
+    parts = _parts(guards, tokens)
+    timeout = _check_timeout(timeout)
+    _check_fits(parts)
+    _refuse_on_a_loop("admit_blocking")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    held = _Held()
+    backoff = _FIRST_BACKOFF
+    try:
+        while True:
+            blocker = _attempt_sync(parts, held)
+            if blocker is None:
+                return held.ticket()
+            held.give_back_sync()
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise _timed_out(timeout)
+            if blocker.can_wait_blocking:
+                budget = blocker.budget
+                if blocker.is_tokens:
+                    handle = budget.reserve_tokens_blocking(blocker.amount, timeout=left)
+                else:
+                    budget.reserve_blocking(blocker.amount, timeout=left)
+                    handle = True
+                held.add(blocker, handle)
+            else:
+                time.sleep(backoff if left is None else min(backoff, left))
+                backoff = min(backoff * 2, _MAX_BACKOFF)
+    except BaseException:
+        held.give_back_sync()
+        raise
