@@ -217,14 +217,14 @@ class Ticket:
 def _collect(errors: list[BaseException], call: Callable[..., object], *args: object) -> None:
     try:
         call(*args)
-    except BaseException as exc:  # noqa: BLE001 (collected; the first is raised later)
+    except BaseException as exc:  # collected; the first is raised later
         errors.append(exc)
 
 
 async def _collect_async(errors: list[BaseException], awaitable: Awaitable[object]) -> None:
     try:
         await awaitable
-    except BaseException as exc:  # noqa: BLE001 (collected; the first is raised later)
+    except BaseException as exc:  # collected; the first is raised later
         errors.append(exc)
 
 
