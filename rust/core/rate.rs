@@ -180,9 +180,14 @@ impl Refill {
         if short <= 0 {
             return Some(0);
         }
-        // Rounded up, so that a timer set for it never fires a nanosecond early.
+        // Rounded up, and one clock tick later, so that a timer set for it never fires before
+        // the clock shows enough.
         let nanos = (short + self.per_ns - 1) / self.per_ns;
-        Some(u64::try_from(nanos).unwrap_or(u64::MAX))
+        Some(
+            u64::try_from(nanos)
+                .unwrap_or(u64::MAX)
+                .saturating_add(self.clock.resolution_ns()),
+        )
     }
 }
 
@@ -302,7 +307,8 @@ mod tests {
         assert_eq!(m.nanos_until(0), Some(0));
         assert!(m.try_take(10));
         let wait = m.nanos_until(3).unwrap();
-        assert!(wait > 900_000_000 && wait <= 1_000_000_000, "{wait}");
+        let tick = Clock::monotonic().resolution_ns();
+        assert!(wait > 900_000_000 && wait <= 1_000_000_000 + tick, "{wait}");
         clock.advance(333_333_334);
         assert_eq!(r.balance(), 1);
     }
