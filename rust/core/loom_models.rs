@@ -5,7 +5,19 @@ use std::sync::Arc;
 
 use loom::thread;
 
-use super::{Hold, RecordError, TokenLedger, UnitBudget};
+use loom::sync::atomic::{AtomicBool, Ordering};
+
+use super::{Hold, RecordError, TokenLedger, UnitBudget, Waiter};
+
+/// A waiter whose wake-up sets a flag the model can read.
+fn flagged(cost: u64) -> (Arc<Waiter>, Arc<AtomicBool>) {
+    let woken = Arc::new(AtomicBool::new(false));
+    let flag = woken.clone();
+    (
+        Waiter::new(cost, move || flag.store(true, Ordering::SeqCst)),
+        woken,
+    )
+}
 
 #[test]
 fn unit_reserve_racing_reserve_grants_once() {
@@ -145,5 +157,90 @@ fn token_settle_racing_refund_keeps_the_balance_equation() {
         t.join().unwrap();
         assert_eq!(ledger.balance(), 10 - 8);
         assert_eq!(ledger.consumed(), 8);
+    });
+}
+
+#[test]
+fn queue_enqueue_racing_release_loses_no_wake_up() {
+    loom::model(|| {
+        let budget = Arc::new(UnitBudget::new(1));
+        assert!(budget.try_reserve(1));
+        let other = budget.clone();
+        let t = thread::spawn(move || other.release(1));
+        let (waiter, woken) = flagged(1);
+        budget.enqueue(waiter.clone());
+        t.join().unwrap();
+        // Whatever the order, the released unit ends with the waiter, which was told.
+        assert!(waiter.is_granted());
+        assert!(woken.load(Ordering::SeqCst));
+        assert_eq!((budget.available(), budget.waiters()), (0, 0));
+    });
+}
+
+#[test]
+fn queue_refund_racing_enqueue_loses_no_wake_up() {
+    loom::model(|| {
+        let ledger = Arc::new(TokenLedger::new(5));
+        let hold = Hold::try_reserve(&ledger, 5).unwrap();
+        let t = thread::spawn(move || assert!(hold.refund()));
+        let (waiter, woken) = flagged(3);
+        ledger.enqueue(waiter.clone());
+        t.join().unwrap();
+        assert!(waiter.is_granted() && woken.load(Ordering::SeqCst));
+        assert_eq!((ledger.available(), ledger.waiters()), (2, 0));
+    });
+}
+
+#[test]
+fn queue_cancel_racing_release_takes_nothing() {
+    loom::model(|| {
+        let budget = Arc::new(UnitBudget::new(2));
+        assert!(budget.try_reserve(2));
+        let (waiter, _woken) = flagged(2);
+        budget.enqueue(waiter.clone());
+        let other = budget.clone();
+        let t = thread::spawn(move || other.release(2));
+        // Cancelled before the grant: removed. After it: the caller owns the units and gives
+        // them back. Either way nothing is taken and no waiter is left.
+        if budget.cancel(&waiter) {
+            budget.release(2);
+        }
+        t.join().unwrap();
+        assert_eq!((budget.available(), budget.waiters()), (2, 0));
+    });
+}
+
+#[test]
+fn queue_try_reserve_racing_enqueue_grants_once() {
+    loom::model(|| {
+        let budget = Arc::new(UnitBudget::new(1));
+        let other = budget.clone();
+        let t = thread::spawn(move || other.try_reserve(1));
+        let (waiter, _woken) = flagged(1);
+        budget.enqueue(waiter.clone());
+        let here = waiter.is_granted();
+        let there = t.join().unwrap();
+        assert!(here ^ there, "the one unit goes to exactly one of them");
+        assert_eq!(budget.waiters(), usize::from(!here));
+        assert_eq!(budget.available(), 0);
+    });
+}
+
+#[test]
+fn queue_serves_the_head_first() {
+    loom::model(|| {
+        let budget = Arc::new(UnitBudget::new(3));
+        assert!(budget.try_reserve(3));
+        let (big, _) = flagged(3);
+        let (small, _) = flagged(1);
+        budget.enqueue(big.clone());
+        budget.enqueue(small.clone());
+        let other = budget.clone();
+        let t = thread::spawn(move || other.release(1));
+        budget.release(2);
+        t.join().unwrap();
+        // 3 released in two steps: never the small one before the big one.
+        assert!(big.is_granted() && !small.is_granted());
+        assert_eq!((budget.available(), budget.waiters()), (0, 1));
     });
 }
