@@ -130,10 +130,14 @@ pub fn wait_blocking<B: Waitable + ?Sized>(
                 budget.wake_waiters();
                 continue;
             }
-            until = Some(earliest(until, now + Duration::from_nanos(nanos)));
+            if let Some(fits) = now.checked_add(Duration::from_nanos(nanos)) {
+                until = Some(earliest(until, fits));
+            }
         }
         if let Some(every) = check_every {
-            until = Some(earliest(until, now + every));
+            if let Some(check) = now.checked_add(every) {
+                until = Some(earliest(until, check));
+            }
         }
         match until {
             Some(until) => std::thread::park_timeout(until.saturating_duration_since(now)),

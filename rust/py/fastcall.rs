@@ -107,3 +107,130 @@ unsafe fn keyword_is<M: U64Method>(py: Python<'_>, kwnames: *mut ffi::PyObject) 
             .get_item(0)
             .is_ok_and(|name| name.eq(M::ARG).unwrap_or(false))
 }
+
+/// A method of `Self::Class` that takes one unsigned integer and an optional keyword-only
+/// `timeout`: the waiting calls (`reserve`, `reserve_blocking`, ...), whose uncontended path must
+/// cost little more than a non-waiting reservation.
+pub(crate) trait U64TimeoutMethod {
+    /// The class the method is added to.
+    type Class: PyClass<Frozen = pyo3::pyclass::boolean_struct::True> + PyTypeInfo + Sync;
+    /// The method's name.
+    const NAME: &'static CStr;
+    /// The integer argument's name (it may also be passed by keyword).
+    const ARG: &'static str;
+    /// The docstring, with a `__text_signature__` line first.
+    const DOC: &'static CStr;
+    /// The method's body; `timeout` is the keyword's value, if given.
+    fn call(
+        this: &Bound<'_, Self::Class>,
+        value: &Bound<'_, PyAny>,
+        timeout: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<PyAny>>;
+}
+
+/// Adds `M` to its class as a method descriptor.
+pub(crate) fn add_timeout_method<M: U64TimeoutMethod>(py: Python<'_>) -> PyResult<()> {
+    let def: &'static mut ffi::PyMethodDef = Box::leak(Box::new(ffi::PyMethodDef {
+        ml_name: M::NAME.as_ptr(),
+        ml_meth: ffi::PyMethodDefPointer {
+            PyCFunctionFastWithKeywords: timeout_entry::<M>,
+        },
+        ml_flags: ffi::METH_FASTCALL | ffi::METH_KEYWORDS,
+        ml_doc: M::DOC.as_ptr(),
+    }));
+    let kind = M::Class::type_object_raw(py);
+    // SAFETY: as in `add_method`.
+    unsafe {
+        let descriptor = Bound::from_owned_ptr_or_err(py, ffi::PyDescr_NewMethod(kind, def))?;
+        let dict = Bound::from_borrowed_ptr_or_err(py, (*kind).tp_dict)?;
+        dict.set_item(
+            pyo3::types::PyString::new(py, M::NAME.to_str().unwrap_or("?")),
+            descriptor,
+        )?;
+        ffi::PyType_Modified(kind);
+    }
+    Ok(())
+}
+
+unsafe extern "C" fn timeout_entry<M: U64TimeoutMethod>(
+    slf: *mut ffi::PyObject,
+    args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> *mut ffi::PyObject {
+    // SAFETY: as in `entry`: `args` holds `nargs` positional values followed by one value per
+    // name in `kwnames` (a tuple of strings, or NULL).
+    unsafe {
+        let py = Python::assume_attached();
+        let this = Borrowed::from_ptr(py, slf).cast_unchecked::<M::Class>();
+        // These calls may wait, with more code on their path than the one-integer methods:
+        // a panic becomes a `PanicException` here instead of unwinding into the interpreter.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let (value, timeout) = parse_value_and_timeout::<M>(py, args, nargs, kwnames)?;
+            let value = Borrowed::from_ptr(py, value);
+            let timeout = timeout.map(|t| Borrowed::from_ptr(py, t));
+            M::call(&this, &value, timeout.as_deref())
+        }))
+        .unwrap_or_else(|payload| {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic in costbound".to_owned());
+            Err(pyo3::panic::PanicException::new_err(message))
+        });
+        match outcome {
+            Ok(result) => result.into_ptr(),
+            Err(err) => {
+                err.restore(py);
+                std::ptr::null_mut()
+            }
+        }
+    }
+}
+
+/// The integer argument and the `timeout` keyword of a call.
+///
+/// # Safety
+/// As for [`timeout_entry`].
+unsafe fn parse_value_and_timeout<M: U64TimeoutMethod>(
+    py: Python<'_>,
+    args: *const *mut ffi::PyObject,
+    nargs: ffi::Py_ssize_t,
+    kwnames: *mut ffi::PyObject,
+) -> PyResult<(*mut ffi::PyObject, Option<*mut ffi::PyObject>)> {
+    let name = M::NAME.to_str().unwrap_or("?");
+    let usage = || {
+        PyTypeError::new_err(format!(
+            "{name}() takes one argument ({}) and the keyword argument timeout",
+            M::ARG
+        ))
+    };
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        let mut value = match nargs {
+            0 => None,
+            1 => Some(*args),
+            _ => return Err(usage()),
+        };
+        let mut timeout = None;
+        if !kwnames.is_null() {
+            let names = Bound::from_borrowed_ptr(py, kwnames);
+            let positional = usize::try_from(nargs).unwrap_or(0);
+            for (i, key) in names.try_iter()?.enumerate() {
+                let key = key?;
+                let slot = *args.add(positional + i);
+                if key.eq("timeout")? && timeout.is_none() {
+                    timeout = Some(slot);
+                } else if key.eq(M::ARG)? && value.is_none() {
+                    value = Some(slot);
+                } else {
+                    return Err(PyTypeError::new_err(format!(
+                        "{name}() got an unexpected or repeated keyword argument {key}"
+                    )));
+                }
+            }
+        }
+        value.map(|v| (v, timeout)).ok_or_else(usage)
+    }
+}

@@ -20,7 +20,11 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     fastcall::add_method::<unit::ReleaseSync>(m.py())?;
     fastcall::add_method::<unit::TryReserve>(m.py())?;
     fastcall::add_method::<unit::Release>(m.py())?;
+    fastcall::add_timeout_method::<unit::Reserve>(m.py())?;
+    fastcall::add_timeout_method::<unit::ReserveBlocking>(m.py())?;
     m.add_class::<token::AtomicTokenBudgetPy>()?;
+    fastcall::add_timeout_method::<token::ReserveTokens>(m.py())?;
+    fastcall::add_timeout_method::<token::ReserveTokensBlocking>(m.py())?;
     m.add_class::<token::ReservationPy>()?;
     m.add_class::<token::NativeRefundPy>()?;
     m.add_class::<awaitable::Awaitable>()?;

@@ -16,6 +16,9 @@ use pyo3::{PyTraverseError, PyTypeInfo};
 use super::args::{to_u64, type_name};
 use super::awaitable::{Awaitable, Grant};
 use super::error::Error;
+use std::ffi::CStr;
+
+use super::fastcall::U64TimeoutMethod;
 use super::wait::{TokenRequestPy, check_fits, rate_error, to_clock, to_rate, to_timeout};
 use crate::core::{Hold, MAX_TOKEN_CAPACITY, RecordError, TokenLedger};
 
@@ -74,37 +77,6 @@ impl AtomicTokenBudgetPy {
     #[getter]
     fn waiters(&self) -> usize {
         self.ledger.waiters()
-    }
-
-    /// A request for `estimate` tokens: `await` it to wait until it fits (first come, first
-    /// served) and get an armed `TokenReservation`; as an async context manager it refunds an
-    /// armed reservation on exit. `TimeoutError` after `timeout` seconds with nothing taken; an
-    /// estimate above `capacity` is a `ValueError` at once.
-    #[pyo3(signature = (estimate, *, timeout = None))]
-    fn reserve_tokens(
-        &self,
-        estimate: &Bound<'_, PyAny>,
-        timeout: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<TokenRequestPy> {
-        let estimate = to_u64(estimate, "estimate", u64::MAX)?;
-        let timeout = to_timeout(timeout)?;
-        check_fits("estimate", estimate, self.ledger.capacity())?;
-        Ok(TokenRequestPy::new(self.ledger.clone(), estimate, timeout))
-    }
-
-    /// Waits on this thread until `estimate` fits and returns the armed `TokenReservation` (a
-    /// context manager that refunds it on exit unless recorded). `TimeoutError` after `timeout`
-    /// seconds; `RuntimeError` on a thread that runs an event loop.
-    #[pyo3(signature = (estimate, *, timeout = None))]
-    fn reserve_tokens_blocking<'py>(
-        &self,
-        py: Python<'py>,
-        estimate: &Bound<'py, PyAny>,
-        timeout: Option<&Bound<'py, PyAny>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let estimate = to_u64(estimate, "estimate", u64::MAX)?;
-        let timeout = to_timeout(timeout)?;
-        TokenRequestPy::block(py, &self.ledger, estimate, timeout)
     }
 
     /// The capacity given at construction.
@@ -491,3 +463,53 @@ pub(crate) fn register_reservation_type(cls: &Bound<'_, PyType>) -> PyResult<()>
     let _ = RESERVATION_TYPE.set(cls.py(), cls.clone().unbind());
     Ok(())
 }
+
+/// Declares a method of `AtomicTokenBudget` taking one integer and an optional `timeout`,
+/// entered through [`super::fastcall`].
+macro_rules! token_timeout_method {
+    ($(#[$meta:meta])* $kind:ident, $name:literal, $doc:literal, |$this:ident, $value:ident, $timeout:ident| $body:expr) => {
+        $(#[$meta])*
+        pub(crate) struct $kind;
+
+        impl U64TimeoutMethod for $kind {
+            type Class = AtomicTokenBudgetPy;
+            const NAME: &'static CStr = $name;
+            const ARG: &'static str = "estimate";
+            const DOC: &'static CStr = $doc;
+            fn call(
+                $this: &Bound<'_, AtomicTokenBudgetPy>,
+                $value: &Bound<'_, PyAny>,
+                $timeout: Option<&Bound<'_, PyAny>>,
+            ) -> PyResult<Py<PyAny>> {
+                $body
+            }
+        }
+    };
+}
+
+token_timeout_method!(
+    /// `reserve_tokens(estimate, *, timeout=None)`.
+    ReserveTokens,
+    c"reserve_tokens",
+    c"reserve_tokens($self, /, estimate, *, timeout=None)\n--\n\nA request for `estimate` tokens: `await` it to wait until it fits (first come, first served)\nand get an armed `TokenReservation`; as an async context manager it refunds an armed\nreservation on exit. `TimeoutError` after `timeout` seconds with nothing taken; an\nestimate above `capacity` is a `ValueError` at once.",
+    |this, estimate, timeout| {
+        let ledger = &this.get().ledger;
+        let estimate = to_u64(estimate, "estimate", u64::MAX)?;
+        let timeout = to_timeout(timeout)?;
+        check_fits("estimate", estimate, ledger.capacity())?;
+        let request = TokenRequestPy::new(ledger.clone(), estimate, timeout);
+        Ok(Py::new(this.py(), request)?.into_any())
+    }
+);
+
+token_timeout_method!(
+    /// `reserve_tokens_blocking(estimate, *, timeout=None)`.
+    ReserveTokensBlocking,
+    c"reserve_tokens_blocking",
+    c"reserve_tokens_blocking($self, /, estimate, *, timeout=None)\n--\n\nWaits on this thread until `estimate` fits and returns the armed `TokenReservation` (a\ncontext manager that refunds it on exit unless recorded). `TimeoutError` after `timeout`\nseconds; `RuntimeError` on a thread that runs an event loop.",
+    |this, estimate, timeout| {
+        let estimate = to_u64(estimate, "estimate", u64::MAX)?;
+        let timeout = to_timeout(timeout)?;
+        Ok(TokenRequestPy::block(this.py(), &this.get().ledger, estimate, timeout)?.unbind())
+    }
+);

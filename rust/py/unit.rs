@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use super::args::to_u64;
 use super::awaitable::{Awaitable, Grant};
-use super::fastcall::U64Method;
+use super::fastcall::{U64Method, U64TimeoutMethod};
 use super::wait::{PermitPy, check_fits, rate_error, to_clock, to_rate, to_timeout};
 use crate::core::UnitBudget;
 
@@ -65,36 +65,6 @@ impl AtomicBudgetPy {
         self.core.waiters()
     }
 
-    /// A `Permit` for `cost` units: `await` it (or `async with` it) to wait until they fit, first
-    /// come, first served. `TimeoutError` after `timeout` seconds with nothing taken; a cost
-    /// above `capacity` is a `ValueError` at once.
-    #[pyo3(signature = (cost, *, timeout = None))]
-    fn reserve(
-        &self,
-        cost: &Bound<'_, PyAny>,
-        timeout: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<PermitPy> {
-        let cost = to_u64(cost, "cost", u64::MAX)?;
-        let timeout = to_timeout(timeout)?;
-        check_fits("cost", cost, self.core.capacity())?;
-        Ok(PermitPy::new(self.core.clone(), cost, timeout, false))
-    }
-
-    /// Waits on this thread until `cost` units fit and returns the granted `Permit` (a context
-    /// manager that releases on exit). `TimeoutError` after `timeout` seconds; `RuntimeError` on
-    /// a thread that runs an event loop.
-    #[pyo3(signature = (cost, *, timeout = None))]
-    fn reserve_blocking(
-        &self,
-        py: Python<'_>,
-        cost: &Bound<'_, PyAny>,
-        timeout: Option<&Bound<'_, PyAny>>,
-    ) -> PyResult<PermitPy> {
-        let cost = to_u64(cost, "cost", u64::MAX)?;
-        let timeout = to_timeout(timeout)?;
-        PermitPy::block(py, &self.core, cost, timeout)
-    }
-
     /// The capacity given at construction.
     #[getter]
     fn capacity(&self) -> u64 {
@@ -113,7 +83,7 @@ impl AtomicBudgetPy {
         self.core.utilization()
     }
 
-    /// Restores `available` to `capacity`.
+    /// Restores `available` to `capacity`, and grants the waiters that now fit.
     fn refill(&self) {
         self.core.refill();
     }
@@ -133,6 +103,29 @@ impl AtomicBudgetPy {
             }
         ))
     }
+}
+
+/// Declares a method of `AtomicBudget` taking one integer and an optional `timeout`, entered
+/// through [`super::fastcall`].
+macro_rules! unit_timeout_method {
+    ($(#[$meta:meta])* $kind:ident, $name:literal, $doc:literal, |$this:ident, $value:ident, $timeout:ident| $body:expr) => {
+        $(#[$meta])*
+        pub(crate) struct $kind;
+
+        impl U64TimeoutMethod for $kind {
+            type Class = AtomicBudgetPy;
+            const NAME: &'static CStr = $name;
+            const ARG: &'static str = "cost";
+            const DOC: &'static CStr = $doc;
+            fn call(
+                $this: &Bound<'_, AtomicBudgetPy>,
+                $value: &Bound<'_, PyAny>,
+                $timeout: Option<&Bound<'_, PyAny>>,
+            ) -> PyResult<Py<PyAny>> {
+                $body
+            }
+        }
+    };
 }
 
 /// Declares a one-integer method of `AtomicBudget` entered through [`super::fastcall`].
@@ -195,5 +188,33 @@ unit_method!(
     |this, cost| {
         this.get().core.release(cost);
         Ok(Awaitable::none(this.py()).into_any())
+    }
+);
+
+unit_timeout_method!(
+    /// `reserve(cost, *, timeout=None)`.
+    Reserve,
+    c"reserve",
+    c"reserve($self, /, cost, *, timeout=None)\n--\n\nA `Permit` for `cost` units: `await` it (or `async with` it) to wait until they fit, first\ncome, first served. `TimeoutError` after `timeout` seconds with nothing taken; a cost\nabove `capacity` is a `ValueError` at once.",
+    |this, cost, timeout| {
+        let core = &this.get().core;
+        let cost = to_u64(cost, "cost", u64::MAX)?;
+        let timeout = to_timeout(timeout)?;
+        check_fits("cost", cost, core.capacity())?;
+        let permit = PermitPy::new(core.clone(), cost, timeout, false);
+        Ok(Py::new(this.py(), permit)?.into_any())
+    }
+);
+
+unit_timeout_method!(
+    /// `reserve_blocking(cost, *, timeout=None)`.
+    ReserveBlocking,
+    c"reserve_blocking",
+    c"reserve_blocking($self, /, cost, *, timeout=None)\n--\n\nWaits on this thread until `cost` units fit and returns the granted `Permit` (a context\nmanager that releases on exit). `TimeoutError` after `timeout` seconds; `RuntimeError` on\na thread that runs an event loop.",
+    |this, cost, timeout| {
+        let cost = to_u64(cost, "cost", u64::MAX)?;
+        let timeout = to_timeout(timeout)?;
+        let permit = PermitPy::block(this.py(), &this.get().core, cost, timeout)?;
+        Ok(Py::new(this.py(), permit)?.into_any())
     }
 );

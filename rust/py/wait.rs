@@ -231,12 +231,11 @@ impl WaiterPy {
 
     /// Grants whatever fits now; then, if still waiting and first in line on a budget with a
     /// rate, the seconds until the refill makes it fit (`None` otherwise).
-    fn poll(&self, py: Python<'_>) -> Option<f64> {
+    fn poll(&self) -> Option<f64> {
         self.budget.wake_waiters();
         if self.waiter.is_granted() {
             return None;
         }
-        let _ = py;
         #[allow(clippy::cast_precision_loss)] // a timer's delay
         self.budget
             .nanos_until_fits(&self.waiter)
@@ -628,11 +627,10 @@ impl ManualClockPy {
 
     /// Moves the clock `seconds` forward (rounded to the nanosecond) and grants the waiters that
     /// the refill now fits.
-    fn advance(&self, py: Python<'_>, seconds: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn advance(&self, seconds: &Bound<'_, PyAny>) -> PyResult<()> {
         let seconds = to_seconds(seconds, "seconds")?;
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // >= 0, saturating
         let nanos = (seconds * 1e9).round() as u64;
-        let _ = py;
         self.clock.advance(nanos);
         Ok(())
     }
