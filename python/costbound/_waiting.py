@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
@@ -45,7 +47,7 @@ def _resolve(future: asyncio.Future[None]) -> None:
 class _Signal:
     """A wake-up flag for one waiting task: set from any thread, awaited on its loop."""
 
-    __slots__ = ("_flag", "_future", "_loop", "_thread")
+    __slots__ = ("__weakref__", "_flag", "_future", "_loop", "_thread")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -84,12 +86,20 @@ class _Signal:
                 timer.cancel()
 
 
+def _wake(signal: weakref.ref[_Signal]) -> None:
+    alive = signal()
+    if alive is not None:
+        alive.wake()
+
+
 async def wait(owner: _Owner[_T], timeout: float | None) -> _T:
     """Queue ``owner``'s request and wait for its grant; return ``owner._finish(waiter)``."""
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None or math.isinf(timeout) else loop.time() + timeout
     signal = _Signal(loop)
-    waiter = owner._enqueue(signal.wake)
+    # The budget's queue holds the wake-up weakly: a task dropped while it waits (its loop closed
+    # without cancelling it) is not kept alive by the queue, and its clean-up below then runs.
+    waiter = owner._enqueue(functools.partial(_wake, weakref.ref(signal)))
     try:
         while not waiter.granted:
             delay = waiter.poll()  # grants whatever fits; the refill timer if first in line
