@@ -6,10 +6,16 @@ from costbound import (
     AtomicBudget,
     AtomicTokenBudget,
     BudgetGuard,
+    Permit,
+    Ticket,
     TokenBudget,
     TokenRefund,
     TokenReservation,
+    admit,
+    admit_blocking,
+    try_admit,
 )
+from costbound.testing import ManualClock
 
 
 async def gate(guard: BudgetGuard, tokens: TokenBudget) -> int:
@@ -28,3 +34,31 @@ async def main() -> int:
     custom = TokenReservation(5, refund)
     assert custom.disarm() is refund
     return await gate(unit, token)
+
+
+async def waiting() -> int:
+    rows = AtomicBudget(10, rate=1.5)
+    llm = AtomicTokenBudget(1_000, rate=1_000 / 60, clock=ManualClock())
+    async with rows.reserve(1, timeout=2.0) as permit:
+        held: Permit = permit
+        assert held.cost == 1
+        assert not held.released
+    permit = await rows.reserve(2)
+    permit.release()
+    async with llm.reserve_tokens(100) as reservation:
+        await llm.record_usage(reservation, 10, 20)
+    armed: TokenReservation = await llm.reserve_tokens(5, timeout=None)
+    with llm.reserve_tokens_blocking(5) as blocking:
+        assert blocking.armed
+        assert armed.armed
+    with rows.reserve_blocking(1):
+        pass
+    async with admit(guards={rows: 1}, tokens={llm: 10}, timeout=1.0) as ticket:
+        done: Ticket = ticket
+        await llm.record_usage(done.reservations[llm], 1, 1)
+    maybe: Ticket | None = await try_admit(guards={rows: 1})
+    if maybe is not None:
+        await maybe.close()
+    with admit_blocking(tokens={llm: 1}) as sync_ticket:
+        assert not sync_ticket.closed
+    return rows.waiters + llm.waiters
