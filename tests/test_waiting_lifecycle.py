@@ -23,7 +23,6 @@ def _settle(loop: asyncio.AbstractEventLoop) -> None:
     loop.run_until_complete(asyncio.sleep(0.01))
 
 
-@pytest.mark.filterwarnings("ignore:.*coroutine.*was never awaited")
 def test_a_task_dropped_with_its_closed_loop_leaves_the_queue() -> None:
     budget = AtomicBudget(2)
     assert budget.try_reserve_sync(2)
@@ -46,7 +45,6 @@ def test_a_task_dropped_with_its_closed_loop_leaves_the_queue() -> None:
     assert budget.reserve_blocking(1, timeout=0).granted
 
 
-@pytest.mark.filterwarnings("ignore:.*coroutine.*was never awaited")
 def test_a_token_waiter_dropped_with_its_closed_loop_takes_nothing() -> None:
     budget = AtomicTokenBudget(100)
     held = budget.try_reserve_tokens_sync(100)
