@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use pyo3::exceptions::{PyRuntimeError, PyTimeoutError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBool, PyFloat, PyInt};
+use pyo3::types::PyBool;
 
 use super::awaitable::{Awaitable, FastAwait};
 use super::token::{ReservationPy, issue_reservation};
@@ -46,18 +46,30 @@ pub(crate) fn to_timeout(timeout: Option<&Bound<'_, PyAny>>) -> PyResult<Option<
     }
 }
 
-/// Reads a number of seconds `>= 0` (an `int` or a `float`, not a `bool`); `name` is the
-/// argument named in the error.
-fn to_seconds(value: &Bound<'_, PyAny>, name: &str) -> PyResult<f64> {
+/// Reads a real number: an `int`, a `float`, or anything with `__float__` or `__index__` (a
+/// NumPy scalar, a `Fraction`), but not a `bool` or a string. `what` words the errors.
+fn to_real(value: &Bound<'_, PyAny>, what: &str) -> PyResult<f64> {
+    let wrong_type =
+        || PyTypeError::new_err(format!("{what}, not {}", super::args::type_name(value)));
     if value.is_instance_of::<PyBool>()
-        || !(value.is_instance_of::<PyFloat>() || value.is_instance_of::<PyInt>())
+        || value.is_instance_of::<pyo3::types::PyString>()
+        || value.is_instance_of::<pyo3::types::PyBytes>()
+        || value.is_instance_of::<pyo3::types::PyByteArray>()
     {
-        return Err(PyTypeError::new_err(format!(
-            "{name} must be a number of seconds, not {}",
-            super::args::type_name(value)
-        )));
+        return Err(wrong_type());
     }
-    let seconds: f64 = value.extract()?;
+    value.extract::<f64>().map_err(|err| {
+        if err.is_instance_of::<pyo3::exceptions::PyOverflowError>(value.py()) {
+            PyValueError::new_err(format!("{what}; this one is too large for a float"))
+        } else {
+            wrong_type()
+        }
+    })
+}
+
+/// Reads a number of seconds `>= 0` (infinity allowed); `name` is the argument named in errors.
+fn to_seconds(value: &Bound<'_, PyAny>, name: &str) -> PyResult<f64> {
+    let seconds = to_real(value, &format!("{name} must be a number of seconds"))?;
     if seconds.is_nan() || seconds < 0.0 {
         return Err(PyValueError::new_err(format!(
             "{name} must be a number of seconds >= 0, got {seconds}"
@@ -66,18 +78,12 @@ fn to_seconds(value: &Bound<'_, PyAny>, name: &str) -> PyResult<f64> {
     Ok(seconds)
 }
 
-/// Reads a `rate` argument: a finite number of units per second `>= 0`.
+/// Reads a `rate` argument: a number of units per second (checked by the core).
 pub(crate) fn to_rate(rate: Option<&Bound<'_, PyAny>>) -> PyResult<f64> {
-    let Some(rate) = rate else { return Ok(0.0) };
-    if rate.is_instance_of::<PyBool>()
-        || !(rate.is_instance_of::<PyFloat>() || rate.is_instance_of::<PyInt>())
-    {
-        return Err(PyTypeError::new_err(format!(
-            "rate must be a number of units per second, not {}",
-            super::args::type_name(rate)
-        )));
+    match rate {
+        None => Ok(0.0),
+        Some(rate) => to_real(rate, "rate must be a number of units per second"),
     }
-    rate.extract()
 }
 
 /// The clock a budget with `rate` reads: `clock` (a `ManualClock`) or the monotonic one.
@@ -629,6 +635,9 @@ impl ManualClockPy {
     /// the refill now fits.
     fn advance(&self, seconds: &Bound<'_, PyAny>) -> PyResult<()> {
         let seconds = to_seconds(seconds, "seconds")?;
+        if seconds.is_infinite() {
+            return Err(PyValueError::new_err("seconds must be finite"));
+        }
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // >= 0, saturating
         let nanos = (seconds * 1e9).round() as u64;
         self.clock.advance(nanos);
