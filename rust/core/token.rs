@@ -31,7 +31,9 @@ pub struct TokenLedger {
     /// `available - debt`, when there is no rate.
     balance: AtomicI64,
     /// The same, when tokens flow back at a rate.
-    refill: Option<Refill>,
+    /// Boxed, so that a budget without a rate stays small: its word and the queue's counter
+    /// share a cache line.
+    refill: Option<Box<Refill>>,
     consumed: AtomicU64,
     queue: WaitQueue,
 }
@@ -55,12 +57,13 @@ impl TokenLedger {
     /// debt first, up to `capacity`. A manual clock wakes its waiters when it advances.
     pub fn with_rate(capacity: u64, rate: f64, clock: Clock) -> Result<Arc<Self>, RateError> {
         let capacity = capacity.min(MAX_TOKEN_CAPACITY);
-        let refill = Refill::new(rate, i128::from(capacity), i128::from(i64::MIN), clock)?;
+        let refill =
+            Refill::new(rate, i128::from(capacity), i128::from(i64::MIN), clock)?.map(Box::new);
         let ledger = Arc::new(Self {
             refill,
             ..Self::new(capacity)
         });
-        if let Some(Clock::Manual(clock)) = ledger.refill.as_ref().map(Refill::clock) {
+        if let Some(Clock::Manual(clock)) = ledger.refill.as_ref().map(|r| r.clock()) {
             clock.subscribe(Arc::downgrade(&ledger) as std::sync::Weak<dyn Wake>);
         }
         Ok(ledger)
@@ -75,7 +78,7 @@ impl TokenLedger {
     /// The rate in tokens per second (`0.0` for none).
     #[must_use]
     pub fn rate(&self) -> f64 {
-        self.refill.as_ref().map_or(0.0, Refill::rate)
+        self.refill.as_ref().map_or(0.0, |r| r.rate())
     }
 
     /// `available - debt`: positive when tokens are available, negative in debt.

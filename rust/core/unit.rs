@@ -24,7 +24,9 @@ pub struct UnitBudget {
     /// The units available, when there is no rate.
     available: AtomicU64,
     /// The units available, when they flow back at a rate.
-    refill: Option<Refill>,
+    /// Boxed, so that a budget without a rate stays small: its word and the queue's counter
+    /// share a cache line.
+    refill: Option<Box<Refill>>,
     queue: WaitQueue,
 }
 
@@ -43,12 +45,12 @@ impl UnitBudget {
     /// A full budget of `capacity` units to which `rate` units flow back per second (read from
     /// `clock`), up to `capacity`. A manual clock wakes its waiters when it advances.
     pub fn with_rate(capacity: u64, rate: f64, clock: Clock) -> Result<Arc<Self>, RateError> {
-        let refill = Refill::new(rate, i128::from(capacity), 0, clock)?;
+        let refill = Refill::new(rate, i128::from(capacity), 0, clock)?.map(Box::new);
         let budget = Arc::new(Self {
             refill,
             ..Self::new(capacity)
         });
-        if let Some(Clock::Manual(clock)) = budget.refill.as_ref().map(Refill::clock) {
+        if let Some(Clock::Manual(clock)) = budget.refill.as_ref().map(|r| r.clock()) {
             clock.subscribe(Arc::downgrade(&budget) as std::sync::Weak<dyn Wake>);
         }
         Ok(budget)
@@ -63,7 +65,7 @@ impl UnitBudget {
     /// The rate in units per second (`0.0` for none).
     #[must_use]
     pub fn rate(&self) -> f64 {
-        self.refill.as_ref().map_or(0.0, Refill::rate)
+        self.refill.as_ref().map_or(0.0, |r| r.rate())
     }
 
     /// Units available now.

@@ -8,6 +8,10 @@
 //! the other methods do. Nothing on these paths panics (atomics, a bool, allocations whose
 //! failure is a `MemoryError`; the shared `None` awaitable is made at import), so no unwinding
 //! guard is needed at this `extern "C"` boundary.
+//!
+//! `Python::assume_attached` does not raise PyO3's count of attached calls on this thread, so
+//! code under these entries uses `Bound` (whose drop decrements at once) rather than dropping a
+//! `Py<T>`, which PyO3 would defer through its locked reference pool.
 
 use std::ffi::CStr;
 
@@ -215,18 +219,22 @@ unsafe fn parse_value_and_timeout<M: U64TimeoutMethod>(
         };
         let mut timeout = None;
         if !kwnames.is_null() {
-            let names = Bound::from_borrowed_ptr(py, kwnames);
             let positional = usize::try_from(nargs).unwrap_or(0);
-            for (i, key) in names.try_iter()?.enumerate() {
-                let key = key?;
+            // Keyword names in calls are interned strings: compare pointers first.
+            let timeout_name = pyo3::intern!(py, "timeout");
+            let count = usize::try_from(ffi::PyTuple_Size(kwnames)).unwrap_or(0);
+            for i in 0..count {
+                let key = ffi::PyTuple_GetItem(kwnames, isize::try_from(i).unwrap_or(0));
+                let key = Borrowed::from_ptr_or_err(py, key)?;
                 let slot = *args.add(positional + i);
-                if key.eq("timeout")? && timeout.is_none() {
+                if (key.is(timeout_name) || key.eq(timeout_name)?) && timeout.is_none() {
                     timeout = Some(slot);
                 } else if key.eq(M::ARG)? && value.is_none() {
                     value = Some(slot);
                 } else {
                     return Err(PyTypeError::new_err(format!(
-                        "{name}() got an unexpected or repeated keyword argument {key}"
+                        "{name}() got an unexpected or repeated keyword argument {}",
+                        key.as_any()
                     )));
                 }
             }

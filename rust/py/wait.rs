@@ -126,7 +126,9 @@ fn refuse_on_a_loop(py: Python<'_>, call: &str) -> PyResult<()> {
                 .unbind(),
         )
     })?;
-    if running.call0(py)?.is_none(py) {
+    // A `Bound`, not a `Py`: this runs inside a raw fastcall entry, where PyO3 does not count
+    // the thread as attached, and a dropped `Py` would take its deferred (locked) pool.
+    if running.bind(py).call0()?.is_none() {
         return Ok(());
     }
     Err(PyRuntimeError::new_err(format!(
@@ -419,8 +421,12 @@ impl PermitPy {
         }
     }
 
-    #[pyo3(signature = (*_exc))]
-    fn __exit__(&self, _exc: &Bound<'_, pyo3::types::PyTuple>) {
+    fn __exit__(
+        &self,
+        _kind: &Bound<'_, PyAny>,
+        _value: &Bound<'_, PyAny>,
+        _traceback: &Bound<'_, PyAny>,
+    ) {
         self.release();
     }
 
@@ -428,8 +434,13 @@ impl PermitPy {
         slf.clone().unbind()
     }
 
-    #[pyo3(signature = (*_exc))]
-    fn __aexit__(&self, py: Python<'_>, _exc: &Bound<'_, pyo3::types::PyTuple>) -> Py<Awaitable> {
+    fn __aexit__(
+        &self,
+        py: Python<'_>,
+        _kind: &Bound<'_, PyAny>,
+        _value: &Bound<'_, PyAny>,
+        _traceback: &Bound<'_, PyAny>,
+    ) -> Py<Awaitable> {
         self.release();
         Awaitable::none(py)
     }
@@ -563,11 +574,12 @@ impl TokenRequestPy {
     }
 
     /// Refunds the reservation if it is still armed (not recorded, not disarmed).
-    #[pyo3(signature = (*_exc))]
     fn __aexit__(
         &self,
         py: Python<'_>,
-        _exc: &Bound<'_, pyo3::types::PyTuple>,
+        _kind: &Bound<'_, PyAny>,
+        _value: &Bound<'_, PyAny>,
+        _traceback: &Bound<'_, PyAny>,
     ) -> PyResult<Py<Awaitable>> {
         let reservation = self.slot().take();
         if let Some(reservation) = reservation {
