@@ -10,7 +10,8 @@ budget, or any budget with ``reserve`` / ``reserve_tokens``) is waited for in it
 turn, and is then held only while the other parts are *tried*; if one of those is denied, the
 held part goes back and the wait moves to the part that denied. A part that cannot signal (a
 user-written ``BudgetGuard`` with only the protocol's two methods) is retried with capped
-exponential backoff.
+exponential backoff. Admissions that must wait take turns per budget (see ``_turns``), so that
+two of them cannot hand the same grants back and forth forever.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import asyncio
 import operator
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -320,20 +322,66 @@ def _timed_out(timeout: float | None) -> TimeoutError:
     return TimeoutError(f"could not admit every part within the timeout of {timeout} s")
 
 
+def _left(deadline: float | None, now: float, timeout: float | None) -> float | None:
+    """Seconds left before ``deadline`` (``None``: no deadline); ``TimeoutError`` if none."""
+    if deadline is None:
+        return None
+    if deadline - now <= 0:
+        raise _timed_out(timeout)
+    return deadline - now
+
+
+# Admissions that must wait take turns, one at a time per budget: each budget has a turn (a
+# native budget of one unit, so that the turn is first come, first served across threads and
+# event loops), and a waiting admission holds the turns of all its budgets, taken in one global
+# order so that two admissions can never hold each other's. Without turns, two admissions of the
+# same two budgets in opposite orders can livelock: each, woken in one budget's queue, is denied
+# the other (whose queue holds the other admission) and hands its grant on. Admissions of
+# unrelated budgets do not wait for each other; budgets that cannot be weakly referenced share
+# one turn.
+_TURNS: weakref.WeakKeyDictionary[Any, _native.AtomicBudget] = weakref.WeakKeyDictionary()
+_SHARED_TURN = _native.AtomicBudget(1)
+_TURNS_LOCK = threading.Lock()
+
+
+def _turns(parts: list[_Part]) -> list[_native.AtomicBudget]:
+    """Return the turns of the parts' budgets, in the global order (by identity)."""
+    turns: dict[int, _native.AtomicBudget] = {}
+    with _TURNS_LOCK:
+        for part in parts:
+            try:
+                turn = _TURNS.get(part.budget)
+                if turn is None:
+                    turn = _TURNS[part.budget] = _native.AtomicBudget(1)
+            except TypeError:  # not hashable, or no weak references
+                turn = _SHARED_TURN
+            turns[id(turn)] = turn
+    return [turns[key] for key in sorted(turns)]
+
+
 async def _admit(parts: list[_Part], timeout: float | None) -> Ticket:
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
     held = _Held()
+    turns: list[_native.AtomicBudget] = []
     backoff = _FIRST_BACKOFF
     try:
+        if await _attempt(parts, held) is None:
+            return held.ticket()
+        await held.give_back()
+        for turn in _turns(parts):
+            left = _left(deadline, loop.time(), timeout)
+            try:
+                await turn.reserve(1, timeout=left)
+            except TimeoutError:
+                raise _timed_out(timeout) from None
+            turns.append(turn)
         while True:
             blocker = await _attempt(parts, held)
             if blocker is None:
                 return held.ticket()
             await held.give_back()
-            left = None if deadline is None else deadline - loop.time()
-            if left is not None and left <= 0:
-                raise _timed_out(timeout)
+            left = _left(deadline, loop.time(), timeout)
             if blocker.can_wait:
                 # Wait in the denied part's own queue, then hold it while trying the others.
                 if blocker.is_tokens:
@@ -348,6 +396,9 @@ async def _admit(parts: list[_Part], timeout: float | None) -> Ticket:
     except BaseException:
         await held.give_back()
         raise
+    finally:
+        for turn in turns:
+            turn.release_sync(1)
 
 
 class Admission:
@@ -451,16 +502,25 @@ def admit_blocking(
     _refuse_on_a_loop("admit_blocking")
     deadline = None if timeout is None else time.monotonic() + timeout
     held = _Held()
+    turns: list[_native.AtomicBudget] = []
     backoff = _FIRST_BACKOFF
     try:
+        if _attempt_sync(parts, held) is None:
+            return held.ticket()
+        held.give_back_sync()
+        for turn in _turns(parts):
+            left = _left(deadline, time.monotonic(), timeout)
+            try:
+                turn.reserve_blocking(1, timeout=left)
+            except TimeoutError:
+                raise _timed_out(timeout) from None
+            turns.append(turn)
         while True:
             blocker = _attempt_sync(parts, held)
             if blocker is None:
                 return held.ticket()
             held.give_back_sync()
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise _timed_out(timeout)
+            left = _left(deadline, time.monotonic(), timeout)
             if blocker.can_wait_blocking:
                 budget = blocker.budget
                 if blocker.is_tokens:
@@ -475,3 +535,6 @@ def admit_blocking(
     except BaseException:
         held.give_back_sync()
         raise
+    finally:
+        for turn in turns:
+            turn.release_sync(1)
