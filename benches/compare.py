@@ -19,6 +19,11 @@ How every row is measured (one process, one harness, the same rounds for every r
   and stops inside the loop.
 - Every peer is given limits so large that it never denies or waits during the run: this
   measures the granted path, and a check after the warm-up and after the last round says so.
+  The waiting calls (``reserve``, ``reserve_blocking``, ``reserve_tokens``) are measured the same
+  way, when they need not wait; the same checks show every budget back to balance.
+- The hand-over rows are the exception: they measure the wait itself. Two sides pass one unit
+  back and forth, and one op is one release that grants the unit to the other side, queued for
+  it beforehand (checked: ``waiters == 1`` before every release), and wakes it.
 - token-throttle needs Python >= 3.12. On an older interpreter its rows, and costbound's token
   rows beside them, are measured by a child process of a 3.12+ interpreter (``--py312 PATH``, or
   found with pyenv) that runs this same file and harness; its rows are marked ``[3.12 child]``.
@@ -98,6 +103,21 @@ CB_APAIR = "costbound: reserve+release, async"
 CB_TPAIR = "costbound: token reserve+record, sync"
 CB_ATPAIR = "costbound: token reserve+record, async"
 CB_TDROP = "costbound: token reserve+drop, sync"
+# Waiting (spec section 7), uncontended: nothing queued and room available, so no wait.
+CB_WAPAIR = "costbound: await reserve(1) + permit.release()"
+CB_WPAIR = "costbound: reserve_blocking(1).release()"
+CB_WCTX = "costbound: async with reserve(1): pass"
+CB_WATPAIR = "costbound: await reserve_tokens + record, async"
+# Hand-overs: one op is one unit passed through the wait queue to a queued waiter.
+CB_HANDOVER = "costbound: hand-over to a waiting task"
+SEM_HANDOVER = "asyncio.Semaphore(1): hand-over to a waiting task"
+CB_THANDOVER = "costbound: hand-over to a blocked thread"
+# Rated budgets (spec section 9): rate > 0 puts a clock read on every call.
+RATE = 1000.0
+CB_RRESERVE = "costbound: await try_reserve(1), rated"
+CB_RPAIR = "costbound: reserve+release, sync, rated"
+CB_RAPAIR = "costbound: reserve+release, async, rated"
+CB_RTPAIR = "costbound: token reserve+record, sync, rated"
 
 
 def cost_row_name(exponent: int) -> str:
@@ -134,7 +154,7 @@ class Target:
     name: str
     rows: tuple[str, ...]
     formula: Callable[[Sequence[float]], float]
-    target: float
+    target: float | None  # None: reported only, it neither passes nor misses
     at_most: bool  # True: measured <= target passes; False: measured >= target passes
     of_medians: bool = False
     per_round: list[float] = field(default_factory=list)
@@ -142,7 +162,7 @@ class Target:
 
     @property
     def passed(self) -> bool | None:
-        if self.measured is None:
+        if self.measured is None or self.target is None:
             return None
         return self.measured <= self.target if self.at_most else self.measured >= self.target
 
@@ -538,6 +558,278 @@ def costbound_token_rows() -> list[Row]:
     ]
 
 
+# --- costbound: waiting, hand-overs and rated budgets ---------------------------------------------
+
+
+def costbound_wait_rows() -> list[Row]:
+    """The waiting calls of spec section 7 when they need not wait: nothing queued, room left."""
+    pair_async = costbound.AtomicBudget(U64_MAX)
+    pair = costbound.AtomicBudget(U64_MAX)
+    block = costbound.AtomicBudget(U64_MAX)
+    tokens = costbound.AtomicTokenBudget(TOKEN_MAX)
+
+    async def reserve_pair(n: int) -> None:
+        b = pair_async
+        for _ in repeat(None, n):
+            p = await b.reserve(1)
+            p.release()
+
+    def blocking_pair(n: int) -> None:
+        b = pair
+        for _ in repeat(None, n):
+            b.reserve_blocking(1).release()
+
+    async def async_with(n: int) -> None:
+        b = block
+        for _ in repeat(None, n):
+            async with b.reserve(1):
+                pass
+
+    async def token_pair(n: int) -> None:
+        # The accounting and the second half of the async token pair (reserve 100, record 40 +
+        # 20, awaited), so that the ratio between the two isolates the waiting reserve.
+        b = tokens
+        for _ in repeat(None, n):
+            r = await b.reserve_tokens(ESTIMATE)
+            await b.record_usage(r, PROMPT, COMPLETION)
+
+    def idle(budget: costbound.AtomicBudget) -> Callable[[], bool]:
+        return lambda: budget.available == U64_MAX and budget.waiters == 0
+
+    return [
+        Row(CB_WAPAIR, "costbound", async_body=reserve_pair, check=idle(pair_async)),
+        Row(
+            CB_WPAIR,
+            "costbound",
+            blocking_pair,
+            check=idle(pair),
+            note="also asks asyncio whether a loop runs here",
+        ),
+        Row(CB_WCTX, "costbound", async_body=async_with, check=idle(block)),
+        Row(
+            CB_WATPAIR,
+            "costbound",
+            async_body=token_pair,
+            check=lambda: _balanced(tokens) and tokens.waiters == 0,
+            note="reserve 100, then await record_usage(r, 40, 20)",
+        ),
+    ]
+
+
+class Rally:
+    """A ping-pong of one unit between two sides: hand-overs left, and how they went."""
+
+    __slots__ = ("left", "spins", "unqueued")
+
+    def __init__(self) -> None:
+        self.left = 0  # hand-overs still to make in this body; only the holder touches it
+        self.unqueued = 0  # releases made while the other side was not queued: must stay 0
+        self.spins = 0  # (threads) times the holder waited for the other side to queue
+
+
+# Each side of a ping-pong holds the unit, counts one hand-over, releases it to the other side
+# (queued for it meanwhile), then queues for it again, unless that was the last hand-over. A side
+# that is handed the unit with no hand-over left releases it to nobody and stops. So a body of n
+# ops makes exactly n hand-overs, each one release that grants a queued waiter and wakes it; what
+# else the body times (taking the unit, starting the other side, the last free release) is done
+# once per body, not per op: under 0.1% of the figure at 10,000 ops.
+
+
+async def _budget_side(
+    b: costbound.AtomicBudget, rally: Rally, held: costbound.Permit | None
+) -> None:
+    permit = held
+    while True:
+        if permit is None:
+            permit = await b.reserve(1)  # the other side holds the unit: this queues
+        if rally.left == 0:
+            permit.release()  # the last hand-over was to this side: nobody waits
+            return
+        rally.left -= 1
+        last = rally.left == 0
+        if b.waiters != 1:
+            rally.unqueued += 1
+        permit.release()  # a hand-over: the queued side is granted the unit and woken
+        permit = None
+        if last:
+            return
+
+
+async def _semaphore_side(s: asyncio.Semaphore, rally: Rally, held: bool) -> None:
+    while True:
+        if not held:
+            await s.acquire()
+        if rally.left == 0:
+            s.release()
+            return
+        rally.left -= 1
+        last = rally.left == 0
+        if len(s._waiters or ()) != 1:  # asyncio's own queue of waiting futures
+            rally.unqueued += 1
+        s.release()  # hands the value to the first waiter (Python 3.11+) and wakes it
+        held = False
+        if last:
+            return
+
+
+def _thread_side(b: costbound.AtomicBudget, rally: Rally, held: costbound.Permit | None) -> None:
+    permit = held
+    while True:
+        if permit is None:
+            permit = b.reserve_blocking(1, timeout=60.0)  # a dead other side: error, not a hang
+        if rally.left == 0:
+            permit.release()
+            return
+        rally.left -= 1
+        last = rally.left == 0
+        while b.waiters != 1:  # the other thread has released, but may not be parked yet
+            rally.spins += 1
+            time.sleep(0)  # lets go of the GIL
+        permit.release()  # a hand-over: the parked thread is granted the unit and unparked
+        permit = None
+        if last:
+            return
+
+
+def handover_rows(ctx: Context) -> list[Row]:
+    """One unit passed back and forth through the wait queue; one op is one hand-over."""
+    budget = costbound.AtomicBudget(1)
+    semaphore = asyncio.Semaphore(1)
+    threaded = costbound.AtomicBudget(1)
+    cb_rally, sem_rally, thread_rally = Rally(), Rally(), Rally()
+
+    async def budget_handovers(n: int) -> None:
+        b = budget
+        cb_rally.left = n
+        held = await b.reserve(1)  # granted at once: nothing queued, room
+        other = ctx.loop.create_task(_budget_side(b, cb_rally, None))
+        await asyncio.sleep(0)  # one loop step: the other task runs until it queues
+        await _budget_side(b, cb_rally, held)
+        await other
+
+    async def semaphore_handovers(n: int) -> None:
+        s = semaphore
+        sem_rally.left = n
+        await s.acquire()
+        other = ctx.loop.create_task(_semaphore_side(s, sem_rally, False))
+        await asyncio.sleep(0)  # one loop step: the other task runs until it queues
+        await _semaphore_side(s, sem_rally, True)
+        await other
+
+    def thread_handovers(n: int) -> None:
+        b = threaded
+        thread_rally.left = n
+        held = b.reserve_blocking(1)
+        other = threading.Thread(target=_thread_side, args=(b, thread_rally, None))
+        other.start()
+        _thread_side(b, thread_rally, held)
+        other.join()
+
+    def report_spins() -> None:
+        if thread_rally.spins:
+            ctx.notes.append(
+                f"{CB_THANDOVER}: the holder found the other thread not yet queued "
+                f"{thread_rally.spins} times and waited for it (time.sleep(0))"
+            )
+
+    ctx.cleanups.append(report_spins)
+    return [
+        Row(
+            CB_HANDOVER,
+            "costbound",
+            async_body=budget_handovers,
+            check=lambda: budget.available == 1 and budget.waiters == 0 and not cb_rally.unqueued,
+            note="AtomicBudget(1), 2 tasks: release -> queued await reserve(1)",
+        ),
+        Row(
+            SEM_HANDOVER,
+            "baseline",
+            async_body=semaphore_handovers,
+            check=lambda: (
+                semaphore._value == 1 and not semaphore.locked() and not sem_rally.unqueued
+            ),
+            note="Semaphore(1), 2 tasks: release -> queued await acquire()",
+        ),
+        Row(
+            CB_THANDOVER,
+            "costbound",
+            thread_handovers,
+            check=lambda: threaded.available == 1 and threaded.waiters == 0,
+            note="AtomicBudget(1), 2 threads: release -> parked reserve_blocking(1)",
+        ),
+    ]
+
+
+def _balanced_rated(budget: costbound.AtomicTokenBudget, since: float) -> bool:
+    """The token invariant with a refill: what flowed back is within [0, rate * elapsed]."""
+    refilled = (budget.available - budget.debt) - (budget.capacity - budget.consumed)
+    return 0 <= refilled <= budget.rate * (time.monotonic() - since + 0.1) + 1
+
+
+def costbound_rated_rows() -> list[Row]:
+    """The rows above on budgets with a rate: each call also reads a clock and refills."""
+    single = costbound.AtomicBudget(HUGE, rate=RATE)
+    pair = costbound.AtomicBudget(HUGE, rate=RATE)
+    pair_async = costbound.AtomicBudget(HUGE, rate=RATE)
+    since = time.monotonic()
+    tokens = costbound.AtomicTokenBudget(HUGE, rate=RATE)
+
+    async def await_reserve(n: int) -> None:
+        b = single
+        for _ in repeat(None, n):
+            await b.try_reserve(1)
+
+    def sync_pair(n: int) -> None:
+        b = pair
+        for _ in repeat(None, n):
+            b.try_reserve_sync(1)
+            b.release_sync(1)
+
+    async def async_pair(n: int) -> None:
+        b = pair_async
+        for _ in repeat(None, n):
+            await b.try_reserve(1)
+            await b.release(1)
+
+    def token_pair(n: int) -> None:
+        b = tokens
+        for _ in repeat(None, n):
+            r = b.try_reserve_tokens_sync(ESTIMATE)
+            b.record_usage_sync(r, PROMPT, COMPLETION)
+
+    note = f"capacity 1e15, rate={RATE:g}/s"
+    return [
+        Row(
+            CB_RRESERVE,
+            "costbound",
+            async_body=await_reserve,
+            check=lambda: single.available > 0,
+            note=f"AtomicBudget, {note}",
+        ),
+        Row(
+            CB_RPAIR,
+            "costbound",
+            sync_pair,
+            check=lambda: pair.available == HUGE,
+            note=f"AtomicBudget, {note}",
+        ),
+        Row(
+            CB_RAPAIR,
+            "costbound",
+            async_body=async_pair,
+            check=lambda: pair_async.available == HUGE,
+            note=f"AtomicBudget, {note}",
+        ),
+        Row(
+            CB_RTPAIR,
+            "costbound",
+            token_pair,
+            check=lambda: _balanced_rated(tokens, since),
+            note=f"AtomicTokenBudget, {note}",
+        ),
+    ]
+
+
 def _cost_row(exponent: int) -> Row:
     budget = costbound.AtomicBudget(2**63)
     cost = 10**exponent
@@ -608,6 +900,9 @@ def targets(tt_tag: str) -> list[Target]:
     def faster(name: str, peer: str, ours: str, target: float) -> Target:
         return Target(name, (peer, ours), _speedup, target, at_most=False)
 
+    def relative(name: str, row: str, base: str, target: float | None) -> Target:
+        return Target(name, (row, base), _speedup, target, at_most=True)
+
     def flat(name: str, rows: Sequence[str]) -> Target:
         return Target(name, tuple(rows), _spread, FLAT, at_most=True, of_medians=True)
 
@@ -642,6 +937,34 @@ def targets(tt_tag: str) -> list[Target]:
             "flat in outstanding reservations, 10^0..10^6 (max/min of medians)",
             [outstanding_row_name(e) for e in OUTSTANDING_EXPONENTS],
         ),
+        # Waiting calls that need not wait, against the try_* pairs they extend (section 7). The
+        # issue's target is for `reserve`: the async pair releases without an await, so it costs
+        # about what the try_reserve pair does (0.9-1.0 measured). The blocking pair builds a
+        # Permit and asks asyncio's _get_running_loop whether this thread runs a loop (to refuse
+        # it at once rather than freeze the loop), about 35 ns of a dict lookup in the thread
+        # state, where try_reserve_sync returns a bool: 2.0x measured (85 against 43 ns).
+        # Reported without a target: the check is worth more to a thread than 40 ns.
+        relative("reserve pair, async / try_reserve pair, async", CB_WAPAIR, CB_APAIR, 1.5),
+        relative("reserve_blocking pair / try_reserve pair, sync", CB_WPAIR, CB_PAIR, None),
+        relative(
+            "reserve_tokens pair / try_reserve_tokens pair, async", CB_WATPAIR, CB_ATPAIR, 1.5
+        ),
+        # A hand-over through the queue costs costbound 1.3-1.4x what it costs asyncio.Semaphore
+        # (about 4.0 against 2.9 us on a quiet machine): the suspended half of the wait is Python
+        # (costbound._waiting.wait: a wake-up signal, a future, the grant check) where the
+        # semaphore only appends a future to a deque. Not faster, so reported without a target.
+        relative(
+            "costbound hand-over / asyncio.Semaphore(1) hand-over", CB_HANDOVER, SEM_HANDOVER, None
+        ),
+        # Rated budgets (section 9): what the clock read and the refill add (reported). Measured:
+        # sync pair 1.4-1.5x (+20 ns), async pair 1.1-1.3x, sync token pair 1.0-1.15x.
+        relative("rated sync pair / sync pair", CB_RPAIR, CB_PAIR, None),
+        relative("rated async pair / async pair", CB_RAPAIR, CB_APAIR, None),
+        relative("rated token pair / token pair, sync", CB_RTPAIR, CB_TPAIR, None),
+        # aiolimiter is a rate limiter: against costbound with a rate too. Measured 6.5-7.8x in
+        # short runs, 13.8x in a full run on a loaded machine (which slowed the pure-Python
+        # peers more than costbound); the clock read costs about 10 ns of the ~75. Target 5x.
+        faster("aiolimiter acquire / await try_reserve(1), rated", AIOLIMITER, CB_RRESERVE, 5.0),
     ]
 
 
@@ -799,7 +1122,7 @@ def target_json(target: Target) -> dict[str, Any]:
         "name": target.name,
         "measured": target.measured,
         "target": target.target,
-        "comparison": "<=" if target.at_most else ">=",
+        "comparison": "report" if target.target is None else "<=" if target.at_most else ">=",
         "pass": target.passed,
         "rows": list(target.rows),
         "method": "max/min of medians" if target.of_medians else "median of per-round ratios",
@@ -836,11 +1159,12 @@ def print_targets(all_targets: Sequence[Target]) -> None:
     print(f"\n{'ratio':<{width}}  {'measured':>8} / target  result")
     for target in all_targets:
         op = "<=" if target.at_most else ">="
+        goal = "report" if target.target is None else f"{op} {target.target:<5g}"
         if target.measured is None:
-            print(f"{target.name:<{width}}  {'-':>8} / {op} {target.target:<5g} SKIP (row missing)")
+            print(f"{target.name:<{width}}  {'-':>8} / {goal:<8} SKIP (row missing)")
             continue
-        result = "PASS" if target.passed else "MISS"
-        print(f"{target.name:<{width}}  {target.measured:8.2f} / {op} {target.target:<5g} {result}")
+        result = "-" if target.passed is None else "PASS" if target.passed else "MISS"
+        print(f"{target.name:<{width}}  {target.measured:8.2f} / {goal:<8} {result}")
 
 
 COLOURS = {
@@ -860,6 +1184,8 @@ METHOD = (
     "awaits' are twice those rows' ns/op; flatness: max/min of the series' medians",
     "cyclic GC disabled while a row is timed; async rows on one event loop, reused",
     "peers configured never to deny or wait: the granted path is measured",
+    "hand-over rows: one op is one unit released to a waiter queued for it beforehand (checked),"
+    " which it wakes; per body, the other task or thread is started once",
 )
 
 
@@ -999,6 +1325,7 @@ def build_rows(ctx: Context) -> tuple[list[Row], bool]:
         rows += built
         in_process = in_process and (name != "token-throttle" or bool(built))
     rows += costbound_guard_rows() + costbound_token_rows() + scaling_rows()
+    rows += costbound_wait_rows() + handover_rows(ctx) + costbound_rated_rows()
     return rows, in_process
 
 
