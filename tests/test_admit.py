@@ -35,7 +35,6 @@ from costbound import (
     Ticket,
     TokenBudget,
     TokenReservation,
-    _admit,
     admit,
     admit_blocking,
     try_admit,
@@ -307,7 +306,8 @@ class Side:
     def waited_on(self, tries_before: int):
         """A condition: an admission is waiting for this (blocked) part."""
         if self.native:
-            return lambda: self.budget.waiters == 1
+            # A waiting admission watches its native parts (costbound._admit): no place in line.
+            return lambda: self.budget._watchers == 1
         # A user-written part is retried: seen tried again at least twice since `tries_before`.
         return lambda: self.budget.tries >= tries_before + 2
 
@@ -320,6 +320,11 @@ def mappings(sides: list[Side]) -> dict:
 
 def states(sides: list[Side]) -> list[tuple[int, ...]]:
     return [s.state() for s in sides]
+
+
+def watchers(sides: list[Side]) -> list[int]:
+    """How many admissions watch each native part (costbound._admit watches while it waits)."""
+    return [s.budget._watchers for s in sides if s.native]
 
 
 def check_ticket(ticket: Ticket, sides: list[Side]) -> None:
@@ -368,6 +373,14 @@ def check_first_given_back(first: Side) -> None:
         assert first.budget.releases == first.budget.grants
     elif first.kind == USER_TOKENS:
         assert first.budget.refunds >= 1
+        assert first.budget.outstanding == 1  # the outside hold only
+
+
+def check_nothing_held(first: Side) -> None:
+    """A user-written first part is not held: every grant (if any) was given back."""
+    if first.kind == USER_GUARD:
+        assert first.budget.releases == first.budget.grants
+    elif first.kind == USER_TOKENS:
         assert first.budget.outstanding == 1  # the outside hold only
 
 
@@ -589,7 +602,11 @@ async def test_admit_rolls_back_when_the_second_part_fails(layout, failure):
     await until(second.waited_on(0), f"the admission waits for the {second}")
     # Waiting, it holds nothing: the first part went back, nothing of the third was taken.
     assert [first.state(), third.state()] == [before[0], before[2]]
-    check_first_given_back(first)
+    if second.native:
+        # It looks at native parts before taking anything: one that cannot fit is not tried.
+        check_nothing_held(first)
+    else:
+        check_first_given_back(first)
     assert not task.done()
 
     second.unblock()
@@ -617,7 +634,7 @@ def test_admit_blocking_rolls_back_when_the_second_part_fails(layout, failure):
         if second.native:
             # Queued for the second part, the thread holds nothing.
             assert [first.state(), third.state()] == [before[0], before[2]]
-            check_first_given_back(first)
+            check_nothing_held(first)
         else:
             # A user-written second part is retried, so the thread may hold the first part at
             # any given moment, but never more than the one attempt's.
@@ -662,7 +679,9 @@ async def test_cancelled_while_trying_a_later_part_gives_back_the_parts_taken(ap
     call = admit(guards=guards, timeout=WAIT) if api == "admit" else try_admit(guards=guards)
     task = asyncio.create_task(asyncio.wait_for(call, WAIT))
     await asyncio.wait_for(gated.entered.wait(), WAIT)
-    assert (a.available, ug.available) == (5, 3)  # held while the third part is tried
+    # User-written parts are tried first (in the given order), native ones after them: `ug` is
+    # held while `gated` is tried, and `a` is not taken yet.
+    assert (a.available, ug.available) == (7, 3)
     task.cancel()
     await asyncio.wait([task], timeout=WAIT)
     assert task.cancelled()
@@ -829,7 +848,7 @@ async def test_admit_waiting_on_a_native_part_is_woken_at_once(what, by):
             budget.record_usage_sync(hold, 0, 0)
 
     task = asyncio.create_task(asyncio.wait_for(admit(**parts, timeout=WAIT), WAIT))
-    await until(lambda: budget.waiters == 1, "the admission is queued")
+    await until(lambda: budget._watchers == 1, "the admission waits")
     assert ug.available == 1  # waits holding nothing
     tries = ug.tries
     started = time.monotonic()
@@ -842,7 +861,7 @@ async def test_admit_waiting_on_a_native_part_is_woken_at_once(what, by):
     ticket = await task
     assert time.monotonic() - started < PROMPT
     assert ug.tries == tries + 1  # woken by the grant, not by retrying
-    assert (budget.waiters, ug.available) == (0, 0)
+    assert (budget.waiters, budget._watchers, ug.available) == (0, 0, 0)
     assert budget.available == 0
     await ticket.close()
     assert (budget.available, ug.available) == ((1, 1) if what == "guard" else (100, 1))
@@ -863,7 +882,7 @@ async def test_admit_blocking_waiting_on_a_native_part_is_woken_by_an_event_loop
 
     call = asyncio.to_thread(lambda: admit_blocking(**parts, timeout=WAIT))
     blocked = asyncio.create_task(asyncio.wait_for(call, WAIT))
-    await until(lambda: budget.waiters == 1, "the thread is queued")
+    await until(lambda: budget._watchers == 1, "the thread waits")
     started = time.monotonic()
     if what == "guard":
         await budget.release(1)
@@ -871,7 +890,7 @@ async def test_admit_blocking_waiting_on_a_native_part_is_woken_by_an_event_loop
         await budget.record_usage(hold, 0, 0)
     ticket = await blocked
     assert time.monotonic() - started < PROMPT
-    assert (budget.waiters, budget.available, ug.available) == (0, 0, 0)
+    assert (budget.waiters, budget._watchers, budget.available, ug.available) == (0, 0, 0, 0)
     await ticket.close()  # a ticket from admit_blocking closes on a loop too
     assert ug.available == 1
 
@@ -912,6 +931,38 @@ def test_admit_blocking_waiting_on_a_user_written_part_succeeds_once_it_frees(ki
     assert (a.available, user.state()) == (2, user.free)
 
 
+@pytest.mark.asyncio
+async def test_an_admission_that_fits_is_not_held_up_by_one_waiting_for_another_budget():
+    """Y needs only ``a``; X needs ``a`` and ``busy``, which stays busy. Once ``a`` frees, Y is
+    admitted at once (section 8: native parts wake a waiting admit at once), X still waits."""
+    a, busy = AtomicBudget(1), AtomicBudget(1)
+    assert busy.try_reserve_sync(1)  # someone's long work
+    x = asyncio.create_task(asyncio.wait_for(admit(guards={a: 1, busy: 1}, timeout=WAIT), WAIT))
+    await until(lambda: busy._watchers == 1, "X waits for busy")
+    assert a.try_reserve_sync(1)  # someone's short work
+    probe = UserGuard(1)  # tried first: once given back, Y was denied `a` and waits
+    y = asyncio.create_task(asyncio.wait_for(admit(guards={probe: 1, a: 1}, timeout=WAIT), WAIT))
+    await until(lambda: a._watchers == 2, "Y was denied a and waits")
+    assert probe.grants == probe.releases  # it holds nothing of the probe while it waits
+    assert not y.done()
+    a.release_sync(1)
+    done, _ = await asyncio.wait([y], timeout=PROMPT)
+    try:
+        assert y in done, f"Y not admitted within {PROMPT} s although `a` is free"
+        ticket = y.result()
+        assert (a.available, probe.available, busy.available) == (0, 0, 0)
+        assert not x.done()
+        await ticket.close()
+    finally:
+        for task in (x, y):
+            task.cancel()
+        await asyncio.wait([x, y], timeout=WAIT)
+    assert (a.available, a.waiters, busy.available, busy.waiters) == (1, 0, 0, 0)
+    assert (a._watchers, busy._watchers) == (0, 0)
+    assert probe.available == 1
+    assert probe.grants == probe.releases
+
+
 def _four_sides(blocked: str) -> list[Side]:
     sides = [Side(kind) for kind in (NATIVE_GUARD, USER_GUARD, NATIVE_TOKENS, USER_TOKENS)]
     for side in sides:
@@ -929,6 +980,7 @@ async def test_admit_timeout_takes_nothing(blocked, timeout):
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(admit(**mappings(sides), timeout=timeout), WAIT)
     assert states(sides) == before  # includes `waiters == 0` on the native parts
+    assert not any(watchers(sides))
 
 
 @pytest.mark.parametrize("timeout", [0, 0.05])
@@ -961,23 +1013,6 @@ async def admitted(**kwargs) -> Ticket:
     return await admit(**kwargs)
 
 
-def turn_waiters_of(*budgets) -> int:
-    """How many admissions wait for a turn on any of these budgets (costbound._admit's turns)."""
-    turns = {id(_admit._SHARED_TURN): _admit._SHARED_TURN}
-    for budget in budgets:
-        try:
-            turn = _admit._TURNS.get(budget)
-        except TypeError:
-            continue
-        if turn is not None:
-            turns[id(turn)] = turn
-    return sum(t.waiters for t in turns.values())
-
-
-def turn_waiters(sides) -> int:
-    return turn_waiters_of(*(s.budget for s in sides))
-
-
 @pytest.mark.asyncio
 @pytest.mark.parametrize("blocked", KINDS)
 async def test_cancelling_a_waiting_admit_leaves_nothing_taken_and_no_waiter(blocked):
@@ -990,18 +1025,16 @@ async def test_cancelling_a_waiting_admit_leaves_nothing_taken_and_no_waiter(blo
     await until(side.waited_on(0), "the first admission waits")
     second = asyncio.create_task(admitted(**mappings(sides), timeout=WAIT))
     if side.native:
-        # Admissions that must wait take turns: the second waits for the first's turn.
-        await until(lambda: turn_waiters(sides) == 1, "the second admission waits its turn")
+        await until(lambda: side.budget._watchers == 2, "the second admission waits too")
     else:
         await until(lambda: second in side.budget.callers, "the second admission tries too")
     first.cancel()
     await asyncio.wait([first], timeout=WAIT)
     assert first.cancelled()
-    # Nothing taken; on a native part, the second admission now waits in the part's queue.
-    assert states(others) == before
+    # Nothing taken; on a native part, only the second admission still waits.
+    assert [s.state()[0] for s in others] == [b[0] for b in before]
     if side.native:
-        await until(lambda: side.budget.waiters == 1, "the second admission has its turn")
-        assert turn_waiters(sides) == 0
+        assert (side.budget._watchers, side.budget.waiters) == (1, 0)
         assert side.state()[0] == blocked_before[0]
     else:
         assert side.state() == blocked_before
@@ -1049,11 +1082,11 @@ async def test_opposite_orders_on_two_native_budgets_all_complete():
 
 @pytest.mark.asyncio
 async def test_four_queued_admissions_in_opposite_orders_complete_once_both_budgets_free():
-    """The minimal case of the livelock that turns prevent, deterministic.
+    """The minimal case of a livelock that watching (rather than queueing) prevents.
 
-    Without turns, each woken admission held one budget, was denied the other (whose queue held
-    an admission of the opposite order), gave its grant to the next in that queue and queued
-    again, for ever.
+    When admissions queued in the budgets' lines, each woken admission held one budget, was
+    denied the other (whose line held an admission of the opposite order), gave its grant to the
+    next in that line and queued again, for ever.
     """
     a, b = AtomicBudget(1), AtomicBudget(1)
     assert a.try_reserve_sync(1)
@@ -1065,10 +1098,8 @@ async def test_four_queued_admissions_in_opposite_orders_complete_once_both_budg
 
     orders = [{a: 1, b: 1}, {b: 1, a: 1}, {a: 1, b: 1}, {b: 1, a: 1}]
     tasks = [asyncio.create_task(one(guards)) for guards in orders]
-    await until(
-        lambda: a.waiters + b.waiters == 1 and turn_waiters_of(a, b) == 3,
-        "one admission is queued on a budget, three wait for their turn",
-    )
+    await until(lambda: (a._watchers, b._watchers) == (4, 4), "all four admissions wait")
+    assert (a.waiters, b.waiters) == (0, 0)
     a.release_sync(1)
     b.release_sync(1)
     _done, pending = await asyncio.wait(tasks, timeout=3.0)

@@ -5,18 +5,27 @@ tokens. Taking them one after another races (two requests each get half and wait
 half) and leaks on error. Admission takes every part or none: when a part is denied or raises,
 the parts already taken are given back before it waits, returns ``None`` or re-raises.
 
-Waiting never holds one part while waiting for another. A denied part that can wait (a native
-budget, or any budget with ``reserve`` / ``reserve_tokens``) is waited for in its own queue, in
-turn, and is then held only while the other parts are *tried*; if one of those is denied, the
-held part goes back and the wait moves to the part that denied. A part that cannot signal (a
-user-written ``BudgetGuard`` with only the protocol's two methods) is retried with capped
-exponential backoff. Admissions that must wait take turns per budget (see ``_turns``), so that
-two of them cannot hand the same grants back and forth forever.
+Waiting never holds a part. An admission that must wait *watches* its native parts: it takes no
+place in their queues and is granted nothing by them, but it is woken by every change that adds
+room or shortens a queue (a release, a refund, a refill, a waiter served or gone) and then tries
+every part again, all or nothing: it first looks at the native parts without taking anything,
+and tries to take every part only when they all fit. A rated part also sets a timer for the
+moment the refill makes its amount available. Parts that cannot signal (a user-written
+``BudgetGuard`` with only the protocol's two methods) are retried with capped exponential
+backoff; they are tried before the native parts.
+
+Why watch rather than queue: an admission queued in one budget's line, granted there and then
+denied another budget (whose line holds an admission of the opposite order) would hand its grant
+on and queue again, and two such admissions can do that for ever. Watching cannot livelock: any
+retry either takes everything or gives everything back, and the first admission to retry after
+all its parts are free wins. Requests waiting in a budget's own queue (``reserve``) are served
+before an admission, since non-waiting attempts are denied while that queue is not empty.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import operator
 import threading
 import time
@@ -29,6 +38,7 @@ from typing import Any, TypeVar
 from costbound import _native
 from costbound._protocols import BudgetGuard, TokenBudget
 from costbound._reservation import TokenReservation
+from costbound._waiting import _Signal, _wake
 
 __all__ = ["Admission", "Ticket", "admit", "admit_blocking", "try_admit"]
 
@@ -45,16 +55,6 @@ class _Part:
     budget: Any
     amount: int
     is_tokens: bool
-
-    @property
-    def can_wait(self) -> bool:
-        name = "reserve_tokens" if self.is_tokens else "reserve"
-        return callable(getattr(self.budget, name, None))
-
-    @property
-    def can_wait_blocking(self) -> bool:
-        name = "reserve_tokens_blocking" if self.is_tokens else "reserve_blocking"
-        return callable(getattr(self.budget, name, None))
 
 
 def _parts(
@@ -85,7 +85,10 @@ def _parts(
             if index < 0:
                 raise ValueError(f"the amount for {budget!r} must be >= 0, got {index}")
             parts.append(_Part(budget, index, is_tokens))
-    return parts
+    # Parts that cannot be looked at before taking (user-written) are tried first: when one of
+    # them denies, no native part has been taken, so giving back wakes no watch of this very
+    # admission (which would make it retry at once, over and over).
+    return sorted(parts, key=lambda part: callable(getattr(part.budget, "_fits", None)))
 
 
 def _check_fits(parts: list[_Part]) -> None:
@@ -176,6 +179,12 @@ class Ticket:
 
     def close_sync(self) -> None:
         """``close()`` for threads."""
+        if self._closed:
+            return
+        if any(not callable(getattr(b, "release_sync", None)) for b in self._guards):
+            # Such a guard is released by running its coroutine on a private loop, which a
+            # thread that runs a loop cannot do: refuse before anything is given back.
+            _refuse_on_a_loop("Ticket.close_sync")
         if not self._claim_close():
             return
         errors: list[BaseException] = []
@@ -331,74 +340,68 @@ def _left(deadline: float | None, now: float, timeout: float | None) -> float | 
     return deadline - now
 
 
-# Admissions that must wait take turns, one at a time per budget: each budget has a turn (a
-# native budget of one unit, so that the turn is first come, first served across threads and
-# event loops), and a waiting admission holds the turns of all its budgets, taken in one global
-# order so that two admissions can never hold each other's. Without turns, two admissions of the
-# same two budgets in opposite orders can livelock: each, woken in one budget's queue, is denied
-# the other (whose queue holds the other admission) and hands its grant on. Admissions of
-# unrelated budgets do not wait for each other; budgets that cannot be weakly referenced share
-# one turn.
-_TURNS: weakref.WeakKeyDictionary[Any, _native.AtomicBudget] = weakref.WeakKeyDictionary()
-_SHARED_TURN = _native.AtomicBudget(1)
-_TURNS_LOCK = threading.Lock()
+def _watch_all(parts: list[_Part], wake: Callable[[], None]) -> list[_native.Watch]:
+    """Watch every native part's budget (each once)."""
+    watches: dict[int, _native.Watch] = {}
+    for part in parts:
+        watch = getattr(part.budget, "_watch", None)
+        if callable(watch) and id(part.budget) not in watches:
+            watches[id(part.budget)] = watch(wake)
+    return list(watches.values())
 
 
-def _turns(parts: list[_Part]) -> list[_native.AtomicBudget]:
-    """Return the turns of the parts' budgets, in the global order (by identity)."""
-    turns: dict[int, _native.AtomicBudget] = {}
-    with _TURNS_LOCK:
-        for part in parts:
-            try:
-                turn = _TURNS.get(part.budget)
-                if turn is None:
-                    turn = _TURNS[part.budget] = _native.AtomicBudget(1)
-            except TypeError:  # not hashable, or no weak references
-                turn = _SHARED_TURN
-            turns[id(turn)] = turn
-    return [turns[key] for key in sorted(turns)]
+def _sleep_for(blocker: _Part, backoff: float, left: float | None) -> tuple[float | None, float]:
+    """Return how long to sleep for ``blocker`` (``None``: until woken), and the next backoff."""
+    seconds_until = getattr(blocker.budget, "_seconds_until", None)
+    if callable(seconds_until):
+        delay: float | None = seconds_until(blocker.amount)  # a rated part's refill timer
+    else:
+        delay, backoff = backoff, min(backoff * 2, _MAX_BACKOFF)
+    if left is not None:
+        delay = left if delay is None else min(delay, left)
+    return delay, backoff
+
+
+def _first_unfit(parts: list[_Part]) -> _Part | None:
+    """Return the first native part that would be denied now (looking only: nothing is taken)."""
+    for part in parts:
+        fits = getattr(part.budget, "_fits", None)
+        if callable(fits) and not fits(part.amount):
+            return part
+    return None
 
 
 async def _admit(parts: list[_Part], timeout: float | None) -> Ticket:
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
     held = _Held()
-    turns: list[_native.AtomicBudget] = []
+    signal: _Signal | None = None
+    watches: list[_native.Watch] = []
     backoff = _FIRST_BACKOFF
     try:
-        if await _attempt(parts, held) is None:
-            return held.ticket()
-        await held.give_back()
-        for turn in _turns(parts):
-            left = _left(deadline, loop.time(), timeout)
-            try:
-                await turn.reserve(1, timeout=left)
-            except TimeoutError:
-                raise _timed_out(timeout) from None
-            turns.append(turn)
         while True:
-            blocker = await _attempt(parts, held)
+            # Look before taking: giving parts back wakes this admission's own watches, so an
+            # attempt is made only when every native part fits (and then rarely fails).
+            blocker = _first_unfit(parts)
             if blocker is None:
-                return held.ticket()
-            await held.give_back()
+                blocker = await _attempt(parts, held)
+                if blocker is None:
+                    return held.ticket()
+                await held.give_back()
             left = _left(deadline, loop.time(), timeout)
-            if blocker.can_wait:
-                # Wait in the denied part's own queue, then hold it while trying the others.
-                if blocker.is_tokens:
-                    handle = await blocker.budget.reserve_tokens(blocker.amount, timeout=left)
-                else:
-                    await blocker.budget.reserve(blocker.amount, timeout=left)
-                    handle = True
-                held.add(blocker, handle)
-            else:
-                await asyncio.sleep(backoff if left is None else min(backoff, left))
-                backoff = min(backoff * 2, _MAX_BACKOFF)
+            if signal is None:
+                # Watch first, then look again at once: no change after the watch goes unseen.
+                signal = _Signal(loop)
+                watches = _watch_all(parts, functools.partial(_wake, weakref.ref(signal)))
+                continue
+            delay, backoff = _sleep_for(blocker, backoff, left)
+            await signal.sleep(delay)
     except BaseException:
         await held.give_back()
         raise
     finally:
-        for turn in turns:
-            turn.release_sync(1)
+        for watch in watches:
+            watch.close()
 
 
 class Admission:
@@ -502,39 +505,29 @@ def admit_blocking(
     _refuse_on_a_loop("admit_blocking")
     deadline = None if timeout is None else time.monotonic() + timeout
     held = _Held()
-    turns: list[_native.AtomicBudget] = []
+    woken: threading.Event | None = None
+    watches: list[_native.Watch] = []
     backoff = _FIRST_BACKOFF
     try:
-        if _attempt_sync(parts, held) is None:
-            return held.ticket()
-        held.give_back_sync()
-        for turn in _turns(parts):
-            left = _left(deadline, time.monotonic(), timeout)
-            try:
-                turn.reserve_blocking(1, timeout=left)
-            except TimeoutError:
-                raise _timed_out(timeout) from None
-            turns.append(turn)
         while True:
-            blocker = _attempt_sync(parts, held)
+            if woken is not None:
+                woken.clear()  # before looking: a change from here on still wakes the wait
+            blocker = _first_unfit(parts)
             if blocker is None:
-                return held.ticket()
-            held.give_back_sync()
+                blocker = _attempt_sync(parts, held)
+                if blocker is None:
+                    return held.ticket()
+                held.give_back_sync()
             left = _left(deadline, time.monotonic(), timeout)
-            if blocker.can_wait_blocking:
-                budget = blocker.budget
-                if blocker.is_tokens:
-                    handle = budget.reserve_tokens_blocking(blocker.amount, timeout=left)
-                else:
-                    budget.reserve_blocking(blocker.amount, timeout=left)
-                    handle = True
-                held.add(blocker, handle)
-            else:
-                time.sleep(backoff if left is None else min(backoff, left))
-                backoff = min(backoff * 2, _MAX_BACKOFF)
+            if woken is None:
+                woken = threading.Event()
+                watches = _watch_all(parts, woken.set)
+                continue
+            delay, backoff = _sleep_for(blocker, backoff, left)
+            woken.wait(delay)
     except BaseException:
         held.give_back_sync()
         raise
     finally:
-        for turn in turns:
-            turn.release_sync(1)
+        for watch in watches:
+            watch.close()

@@ -244,3 +244,23 @@ fn queue_serves_the_head_first() {
         assert_eq!((budget.available(), budget.waiters()), (0, 1));
     });
 }
+
+#[test]
+fn queue_watch_racing_release_loses_no_wake_up() {
+    loom::model(|| {
+        let budget = Arc::new(UnitBudget::new(1));
+        assert!(budget.try_reserve(1));
+        let other = budget.clone();
+        let t = thread::spawn(move || other.release(1));
+        // An admission's order: watch, then try; if denied, it sleeps until woken.
+        let (watcher, woken) = flagged(0);
+        budget.watch(watcher.clone());
+        let taken = budget.try_reserve(1);
+        t.join().unwrap();
+        assert!(
+            taken || woken.load(Ordering::SeqCst),
+            "denied, yet never told of the release"
+        );
+        assert!(!watcher.is_granted());
+    });
+}

@@ -8,6 +8,11 @@
 //! No wake-up is lost between a waiter that queues and a release that runs at the same time:
 //! the waiter counts itself and then tries the budget, the releaser changes the budget and then
 //! reads the count, all `SeqCst`; in any interleaving one of them sees the other.
+//!
+//! Besides waiters, the queue keeps *watchers*: they take no place in line and are never granted
+//! anything, but are woken by every change that adds room or shortens the queue. An admission
+//! across several budgets watches them all and retries, so that it never sits in one budget's
+//! line while holding another's (which can livelock two admissions of opposite orders).
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -59,11 +64,21 @@ impl Waiter {
     }
 }
 
-/// Waiters in arrival order. Generic over the budget: the caller passes the grant (`take`).
+/// Waiters in arrival order, and watchers. Generic over the budget: the caller passes the grant
+/// (`take`).
 #[derive(Debug, Default)]
 pub struct WaitQueue {
+    /// Waiters in line: what a non-waiting reservation checks.
     queued: AtomicUsize,
-    waiters: Mutex<VecDeque<Arc<Waiter>>>,
+    /// Waiters in line plus watchers: what a change that adds room checks.
+    interested: AtomicUsize,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    waiters: VecDeque<Arc<Waiter>>,
+    watchers: Vec<Arc<Waiter>>,
 }
 
 impl WaitQueue {
@@ -85,23 +100,50 @@ impl WaitQueue {
         self.queued.load(Ordering::SeqCst)
     }
 
+    /// How many watch.
+    #[must_use]
+    pub fn watchers(&self) -> usize {
+        self.interested.load(Ordering::SeqCst) - self.queued.load(Ordering::SeqCst)
+    }
+
     /// Whether `waiter` is first in line.
     #[must_use]
     pub fn is_head(&self, waiter: &Arc<Waiter>) -> bool {
-        lock(&self.waiters)
+        lock(&self.inner)
+            .waiters
             .front()
             .is_some_and(|head| Arc::ptr_eq(head, waiter))
+    }
+
+    /// Makes `watcher` woken by every later change that adds room or shortens the line, until
+    /// [`unwatch`](Self::unwatch). Register before trying the budget, so that no change between
+    /// the try and the wait goes unseen.
+    pub fn watch(&self, watcher: Arc<Waiter>) {
+        let mut inner = lock(&self.inner);
+        inner.watchers.push(watcher);
+        self.interested.fetch_add(1, Ordering::SeqCst);
+        order_fence();
+    }
+
+    /// Stops waking `watcher`.
+    pub fn unwatch(&self, watcher: &Arc<Waiter>) {
+        let mut inner = lock(&self.inner);
+        if let Some(index) = inner.watchers.iter().position(|w| Arc::ptr_eq(w, watcher)) {
+            let _ = inner.watchers.swap_remove(index);
+            self.interested.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 
     /// Queues `waiter` last, then grants whatever fits (it may be granted at once). A waiter
     /// that is not granted and is the head sets its own timer, so it is not woken for that.
     pub fn enqueue(&self, waiter: Arc<Waiter>, take: impl FnMut(u64) -> bool, poke: bool) {
         let woken = {
-            let mut waiters = lock(&self.waiters);
-            waiters.push_back(waiter);
+            let mut inner = lock(&self.inner);
+            inner.waiters.push_back(waiter);
             self.queued.fetch_add(1, Ordering::SeqCst);
+            self.interested.fetch_add(1, Ordering::SeqCst);
             order_fence();
-            self.grant(&mut waiters, take, poke)
+            self.grant(&mut inner, take, poke, false)
         };
         wake(woken);
     }
@@ -111,12 +153,12 @@ impl WaitQueue {
     /// becomes the head is woken too, so that it can set a timer for when the refill fits it.
     pub fn drain(&self, take: impl FnMut(u64) -> bool, poke: bool) {
         order_fence();
-        if self.is_empty() {
+        if self.interested.load(Ordering::SeqCst) == 0 {
             return;
         }
         let woken = {
-            let mut waiters = lock(&self.waiters);
-            self.grant(&mut waiters, take, poke)
+            let mut inner = lock(&self.inner);
+            self.grant(&mut inner, take, poke, true)
         };
         wake(woken);
     }
@@ -126,22 +168,25 @@ impl WaitQueue {
     /// behind it are granted as far as they now fit.
     pub fn cancel(&self, waiter: &Arc<Waiter>, take: impl FnMut(u64) -> bool, poke: bool) -> bool {
         let woken = {
-            let mut waiters = lock(&self.waiters);
+            let mut inner = lock(&self.inner);
             if waiter.is_granted() {
                 return true;
             }
-            let Some(index) = waiters.iter().position(|w| Arc::ptr_eq(w, waiter)) else {
+            let Some(index) = inner.waiters.iter().position(|w| Arc::ptr_eq(w, waiter)) else {
                 return false; // already cancelled
             };
-            let _ = waiters.remove(index);
+            let _ = inner.waiters.remove(index);
             self.queued.fetch_sub(1, Ordering::SeqCst);
+            self.interested.fetch_sub(1, Ordering::SeqCst);
             waiter.state.store(CANCELLED, Ordering::SeqCst);
-            if index != 0 {
-                return false;
-            }
-            let mut woken = self.grant(&mut waiters, take, poke);
-            if poke && woken.is_empty() {
-                woken.extend(waiters.front().cloned());
+            // A shorter line may let a watcher's try through; a new head may fit now.
+            let mut woken = if index == 0 {
+                self.grant(&mut inner, take, poke, true)
+            } else {
+                inner.watchers.clone()
+            };
+            if index == 0 && poke && !woken.iter().any(|w| w.is_granted()) {
+                woken.extend(inner.waiters.front().cloned());
             }
             woken
         };
@@ -150,24 +195,30 @@ impl WaitQueue {
     }
 
     /// Grants from the head under the lock and returns whom to wake once it is released: the
-    /// granted, and with `poke` the new head, which may have to set a timer for a rate refill.
+    /// granted; with `poke` the new head, which may have to set a timer for a rate refill; and
+    /// with `watchers` every watcher.
     fn grant(
         &self,
-        waiters: &mut VecDeque<Arc<Waiter>>,
+        inner: &mut Inner,
         mut take: impl FnMut(u64) -> bool,
         poke: bool,
+        watchers: bool,
     ) -> Vec<Arc<Waiter>> {
         let mut woken = Vec::new();
-        while let Some(head) = waiters.front() {
+        while let Some(head) = inner.waiters.front() {
             if !take(head.cost) {
                 break;
             }
             head.state.store(GRANTED, Ordering::SeqCst);
             self.queued.fetch_sub(1, Ordering::SeqCst);
-            woken.extend(waiters.pop_front());
+            self.interested.fetch_sub(1, Ordering::SeqCst);
+            woken.extend(inner.waiters.pop_front());
         }
         if poke && !woken.is_empty() {
-            woken.extend(waiters.front().cloned());
+            woken.extend(inner.waiters.front().cloned());
+        }
+        if watchers {
+            woken.extend(inner.watchers.iter().cloned());
         }
         woken
     }

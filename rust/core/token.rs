@@ -207,6 +207,36 @@ impl TokenLedger {
             .cancel(waiter, |estimate| self.take(estimate), self.timed())
     }
 
+    /// Wakes `watcher` (never granting it anything) at every later change that adds room or
+    /// shortens the queue, until [`unwatch`](Self::unwatch).
+    pub fn watch(&self, watcher: Arc<Waiter>) {
+        self.queue.watch(watcher);
+    }
+
+    /// Stops waking `watcher`.
+    pub fn unwatch(&self, watcher: &Arc<Waiter>) {
+        self.queue.unwatch(watcher);
+    }
+
+    /// Whether a non-waiting reservation of `amount` would be granted now (nothing changes).
+    #[must_use]
+    pub fn fits(&self, amount: u64) -> bool {
+        self.queue.is_empty() && i128::from(self.balance()) >= i128::from(amount)
+    }
+
+    /// How many watch.
+    #[must_use]
+    pub fn watchers(&self) -> usize {
+        self.queue.watchers()
+    }
+
+    /// Nanoseconds until the rate refill alone makes `amount` available, whoever waits (`None`
+    /// without a rate, on a manual clock, or above the capacity).
+    #[must_use]
+    pub fn nanos_until_available(&self, amount: u64) -> Option<u64> {
+        self.refill.as_ref()?.nanos_until(amount)
+    }
+
     /// Nanoseconds until `waiter`, if first in line, fits by the rate refill alone; `None` if it
     /// is not first, or only a refund, a settlement, a refill or a clock advance can make it fit.
     #[must_use]

@@ -25,6 +25,14 @@ pub trait Waitable: Send + Sync {
     fn wake_waiters(&self);
     /// Nanoseconds until `waiter` fits by the rate refill alone, if it is first in line.
     fn nanos_until_fits(&self, waiter: &Arc<Waiter>) -> Option<u64>;
+    /// Wakes `watcher` at every later change that adds room or shortens the queue.
+    fn watch(&self, watcher: Arc<Waiter>);
+    /// Stops waking `watcher`.
+    fn unwatch(&self, watcher: &Arc<Waiter>);
+    /// Nanoseconds until the rate refill alone makes `amount` available.
+    fn nanos_until_available(&self, amount: u64) -> Option<u64>;
+    /// Whether a non-waiting reservation of `amount` would be granted now.
+    fn fits(&self, amount: u64) -> bool;
 }
 
 impl Waitable for UnitBudget {
@@ -49,6 +57,18 @@ impl Waitable for UnitBudget {
     fn nanos_until_fits(&self, waiter: &Arc<Waiter>) -> Option<u64> {
         UnitBudget::nanos_until_fits(self, waiter)
     }
+    fn watch(&self, watcher: Arc<Waiter>) {
+        UnitBudget::watch(self, watcher);
+    }
+    fn unwatch(&self, watcher: &Arc<Waiter>) {
+        UnitBudget::unwatch(self, watcher);
+    }
+    fn nanos_until_available(&self, amount: u64) -> Option<u64> {
+        UnitBudget::nanos_until_available(self, amount)
+    }
+    fn fits(&self, amount: u64) -> bool {
+        UnitBudget::fits(self, amount)
+    }
 }
 
 impl Waitable for TokenLedger {
@@ -72,6 +92,18 @@ impl Waitable for TokenLedger {
     }
     fn nanos_until_fits(&self, waiter: &Arc<Waiter>) -> Option<u64> {
         TokenLedger::nanos_until_fits(self, waiter)
+    }
+    fn watch(&self, watcher: Arc<Waiter>) {
+        TokenLedger::watch(self, watcher);
+    }
+    fn unwatch(&self, watcher: &Arc<Waiter>) {
+        TokenLedger::unwatch(self, watcher);
+    }
+    fn nanos_until_available(&self, amount: u64) -> Option<u64> {
+        TokenLedger::nanos_until_available(self, amount)
+    }
+    fn fits(&self, amount: u64) -> bool {
+        TokenLedger::fits(self, amount)
     }
 }
 
@@ -204,6 +236,37 @@ mod tests {
             assert_eq!(t.join().unwrap(), Ok(()));
         }
         assert_eq!((budget.waiters(), budget.available()), (0, 0));
+    }
+
+    #[test]
+    fn watchers_are_woken_by_room_and_by_a_shorter_line_but_granted_nothing() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        use crate::core::Waiter;
+
+        let budget = Arc::new(UnitBudget::new(2));
+        assert!(budget.try_reserve(2));
+        let woken = Arc::new(AtomicUsize::new(0));
+        let count = woken.clone();
+        let watcher = Waiter::new(0, move || {
+            count.fetch_add(1, Ordering::SeqCst);
+        });
+        budget.watch(watcher.clone());
+        assert_eq!((budget.watchers(), budget.waiters()), (1, 0));
+        assert!(!budget.try_reserve(1), "watching takes no place in line");
+        budget.release(1);
+        assert_eq!((woken.load(Ordering::SeqCst), budget.available()), (1, 1));
+        // A waiter in line, then cancelled: the shorter line wakes the watcher again.
+        let queued = Waiter::new(2, || {});
+        budget.enqueue(queued.clone());
+        assert!(!budget.try_reserve(1));
+        assert!(!budget.cancel(&queued));
+        assert_eq!(woken.load(Ordering::SeqCst), 2);
+        assert!(budget.try_reserve(1));
+        budget.unwatch(&watcher);
+        budget.release(2);
+        assert_eq!((woken.load(Ordering::SeqCst), budget.watchers()), (2, 0));
+        assert!(!watcher.is_granted());
     }
 
     #[test]

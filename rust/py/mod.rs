@@ -36,6 +36,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<wait::TokenRequestPy>()?;
     awaitable::install_fast_slots::<wait::TokenRequestPy>(m.py());
     m.add_class::<wait::WaiterPy>()?;
+    m.add_class::<wait::WatchPy>()?;
     m.add_class::<wait::ManualClockPy>()?;
     m.add_function(wrap_pyfunction!(token::register_reservation_type, m)?)?;
     m.add_function(wrap_pyfunction!(wait::register_wait, m)?)?;

@@ -19,7 +19,9 @@ use super::error::Error;
 use std::ffi::CStr;
 
 use super::fastcall::U64TimeoutMethod;
-use super::wait::{TokenRequestPy, check_fits, rate_error, to_clock, to_rate, to_timeout};
+use super::wait::{
+    TokenRequestPy, WatchPy, check_fits, rate_error, seconds_until, to_clock, to_rate, to_timeout,
+};
 use crate::core::{Hold, MAX_TOKEN_CAPACITY, RecordError, TokenLedger};
 
 /// A lock-free token budget with debt. Subclassed by `costbound.AtomicTokenBudget`.
@@ -190,6 +192,30 @@ impl AtomicTokenBudgetPy {
     fn tokens_consumed(&self, py: Python<'_>) -> PyResult<Py<Awaitable>> {
         let consumed = self.ledger.consumed().into_pyobject(py)?.into_any();
         Awaitable::ready(py, consumed.unbind())
+    }
+
+    /// Watches the budget for an admission across budgets (`costbound._admit`).
+    fn _watch(&self, wake: &Bound<'_, PyAny>) -> WatchPy {
+        WatchPy::start(self.ledger.clone(), wake)
+    }
+
+    /// Whether a non-waiting reservation of `amount` would be granted now (nothing changes):
+    /// an admission's look before it takes anything.
+    fn _fits(&self, amount: &Bound<'_, PyAny>) -> PyResult<bool> {
+        Ok(self.ledger.fits(to_u64(amount, "amount", u64::MAX)?))
+    }
+
+    /// How many admissions watch the budget now.
+    #[getter]
+    fn _watchers(&self) -> usize {
+        self.ledger.watchers()
+    }
+
+    /// Seconds until the rate refill alone makes `amount` available (`None` if only another
+    /// event can), for an admission's timer.
+    fn _seconds_until(&self, amount: &Bound<'_, PyAny>) -> PyResult<Option<f64>> {
+        let amount = to_u64(amount, "amount", u64::MAX)?;
+        Ok(seconds_until(&*self.ledger, amount))
     }
 
     fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {

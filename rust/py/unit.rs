@@ -10,7 +10,9 @@ use std::sync::Arc;
 use super::args::to_u64;
 use super::awaitable::{Awaitable, Grant};
 use super::fastcall::{U64Method, U64TimeoutMethod};
-use super::wait::{PermitPy, check_fits, rate_error, to_clock, to_rate, to_timeout};
+use super::wait::{
+    PermitPy, WatchPy, check_fits, rate_error, seconds_until, to_clock, to_rate, to_timeout,
+};
 use crate::core::UnitBudget;
 
 /// A lock-free budget of unit costs (rows, requests, queue slots). Subclassed by
@@ -86,6 +88,30 @@ impl AtomicBudgetPy {
     /// Restores `available` to `capacity`, and grants the waiters that now fit.
     fn refill(&self) {
         self.core.refill();
+    }
+
+    /// Watches the budget for an admission across budgets (`costbound._admit`).
+    fn _watch(&self, wake: &Bound<'_, PyAny>) -> WatchPy {
+        WatchPy::start(self.core.clone(), wake)
+    }
+
+    /// Whether a non-waiting reservation of `amount` would be granted now (nothing changes):
+    /// an admission's look before it takes anything.
+    fn _fits(&self, amount: &Bound<'_, PyAny>) -> PyResult<bool> {
+        Ok(self.core.fits(to_u64(amount, "amount", u64::MAX)?))
+    }
+
+    /// How many admissions watch the budget now.
+    #[getter]
+    fn _watchers(&self) -> usize {
+        self.core.watchers()
+    }
+
+    /// Seconds until the rate refill alone makes `amount` available (`None` if only another
+    /// event can), for an admission's timer.
+    fn _seconds_until(&self, amount: &Bound<'_, PyAny>) -> PyResult<Option<f64>> {
+        let amount = to_u64(amount, "amount", u64::MAX)?;
+        Ok(seconds_until(&*self.core, amount))
     }
 
     fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {

@@ -274,6 +274,61 @@ impl Drop for WaiterPy {
     }
 }
 
+/// A watch on a budget for an admission across budgets: `wake()` is called (from any thread)
+/// at every change that adds room or shortens the budget's queue, until `close()`. It takes no
+/// place in the queue and is granted nothing.
+#[pyclass(frozen, module = "costbound._native", name = "Watch")]
+pub(crate) struct WatchPy {
+    watcher: Arc<Waiter>,
+    budget: Arc<dyn Waitable>,
+    open: AtomicBool,
+}
+
+impl WatchPy {
+    /// Starts watching `budget`.
+    pub(crate) fn start(budget: Arc<dyn Waitable>, wake: &Bound<'_, PyAny>) -> Self {
+        let wake = wake.clone().unbind();
+        let watcher = Waiter::new(0, move || {
+            Python::attach(|py| {
+                if let Err(err) = wake.call0(py) {
+                    err.write_unraisable(py, None);
+                }
+            });
+        });
+        budget.watch(watcher.clone());
+        Self {
+            watcher,
+            budget,
+            open: AtomicBool::new(true),
+        }
+    }
+}
+
+#[pymethods]
+impl WatchPy {
+    /// Stops the watch; later calls do nothing.
+    fn close(&self) {
+        if self.open.swap(false, Ordering::AcqRel) {
+            self.budget.unwatch(&self.watcher);
+        }
+    }
+}
+
+impl Drop for WatchPy {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Seconds until the rate refill alone makes `amount` available on `budget` (`None` if only
+/// another event can), for an admission's timer.
+pub(crate) fn seconds_until(budget: &dyn Waitable, amount: u64) -> Option<f64> {
+    #[allow(clippy::cast_precision_loss)] // a timer's delay
+    budget
+        .nanos_until_available(amount)
+        .map(|nanos| nanos as f64 / 1e9)
+}
+
 /// The result of `AtomicBudget.reserve()` and `reserve_blocking()`: `cost` units held until
 /// `release()`. Awaiting it waits for the units (once); it is also a context manager, sync for a
 /// granted permit and async for a pending one, that releases on exit.
