@@ -1279,3 +1279,34 @@ def test_bad_input_raises_and_changes_nothing(api, make, error):
     with pytest.raises(error):
         _run_to_the_end(api, make(budgets))
     assert budgets.state() == before
+
+
+class LookCountingBudget(AtomicBudget):
+    """A native budget that counts an admission's looks at it (``_fits``, costbound._admit)."""
+
+    def __init__(self, capacity: int, *, rate: float) -> None:
+        self.looks = 0
+
+    def _fits(self, amount: int) -> bool:
+        self.looks += 1
+        return super()._fits(amount)
+
+
+@pytest.mark.asyncio
+async def test_an_admission_behind_a_queued_waiter_on_a_rated_budget_sleeps_until_it_leaves():
+    """Units are available but a ``reserve`` waiter is queued for more: the admission must not
+    spin on the rate timer (which says "now"), but sleep until the waiter leaves the queue."""
+    rated = LookCountingBudget(100, rate=100.0)
+    assert rated.try_reserve_sync(100)
+    head = asyncio.ensure_future(rated.reserve(50))  # served by its own timer, in about 0.5 s
+    await until(lambda: rated.waiters == 1, "the reserve waiter is queued")
+    ticket = await asyncio.wait_for(admit(guards={rated: 1}, timeout=WAIT), WAIT)
+    permit = await asyncio.wait_for(head, WAIT)
+    assert permit.granted
+    # A look, a watch and a look again, then asleep until the served waiter leaves the queue
+    # (and perhaps one more for a wake-up in between). A spinning admission looks thousands
+    # of times in half a second.
+    assert rated.looks <= 6, rated.looks
+    assert (rated.waiters, rated._watchers) == (0, 0)
+    await ticket.close()
+    assert rated.available >= 1  # the admission's unit back (the head still holds 50)

@@ -187,10 +187,14 @@ impl UnitBudget {
         self.queue.watchers()
     }
 
-    /// Nanoseconds until the rate refill alone makes `amount` available, whoever waits (`None`
-    /// without a rate, on a manual clock, or above the capacity).
+    /// Nanoseconds until the rate refill alone makes `amount` available to a non-waiting
+    /// reservation: `None` without a rate, on a manual clock, above the capacity, or while
+    /// waiters are queued (the one that leaves the queue, served or not, wakes the watchers).
     #[must_use]
     pub fn nanos_until_available(&self, amount: u64) -> Option<u64> {
+        if !self.queue.is_empty() {
+            return None;
+        }
         self.refill.as_ref()?.nanos_until(amount)
     }
 

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
+use pyo3::types::PyFloat;
 use pyo3::types::{PyTuple, PyType};
 use pyo3::{PyTraverseError, PyTypeInfo};
 
@@ -229,7 +230,7 @@ impl AtomicTokenBudgetPy {
             ledger.debt(),
             ledger.consumed(),
             if rate > 0.0 {
-                format!(", rate={rate}")
+                format!(", rate={}", PyFloat::new(slf.py(), rate).repr()?)
             } else {
                 String::new()
             }

@@ -4,6 +4,7 @@ use std::ffi::CStr;
 
 use pyo3::prelude::*;
 use pyo3::types::PyBool;
+use pyo3::types::PyFloat;
 
 use std::sync::Arc;
 
@@ -123,7 +124,7 @@ impl AtomicBudgetPy {
             core.capacity(),
             core.available(),
             if rate > 0.0 {
-                format!(", rate={rate}")
+                format!(", rate={}", PyFloat::new(slf.py(), rate).repr()?)
             } else {
                 String::new()
             }
