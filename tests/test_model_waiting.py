@@ -1,26 +1,58 @@
-"""Waiting, cancelling and admitting against a pure-Python model (spec sections 4, 5, 7 and 8).
+"""Waiting, cancelling and admitting against an exact pure-Python model (spec sections 4, 5, 7, 8).
 
 One `AtomicBudget` and one `AtomicTokenBudget` (with debt) are driven through one event loop that
 the machine owns. Besides the non-waiting calls of `test_model.py` it starts tasks that wait
-(`reserve`, `reserve_tokens`, `admit`), cancels them, releases what they got and closes tickets.
-After every rule the loop settles: every woken task runs before the next rule.
+(`reserve`, `reserve_tokens`, `admit`, some admissions several in one turn), cancels them (alone,
+or in the same turn as a give-back), releases what they got, closes tickets and gives back many
+things in one turn. After every rule the loop settles: every woken task runs before the next rule.
 
-The model keeps a FIFO queue of waiting calls per budget and grants from the head while the head
-fits (strict FIFO: a head that does not fit blocks those behind it); `try_*` is denied while the
-queue is not empty. It also keeps the loop's ready queue, because a woken `admit` acts on the
-budgets when it runs: it holds the part it waited for while it tries the others (guards, then
-tokens), and when one is denied it gives everything back and waits in that part's queue (section
-8, as `costbound._admit` documents it). Woken tasks run in the order they were woken, each in one
-go (the budgets' calls complete without a turn of the loop). A cancelled task is a task that
-will run its cancellation: until it runs it is still queued and may still be granted, and then
-it gives the grant back. After every step the budgets, their `waiters`, the set of tasks still
-waiting and the set of tasks holding a grant must equal the model's; the section 5 balance
-equation and the conservation of units are checked from the real figures while no refill or
-over-release has broken them; a cancelled or timed-out task holds nothing.
+`reserve` and `reserve_tokens` waiters: a FIFO queue per budget, granted from the head while the
+head fits (strict FIFO: a head that does not fit blocks those behind it); `try_*` is denied while
+the queue is not empty.
+
+Admissions (`costbound._admit`, "watching") are in no queue. An admission looks at both parts
+without taking (the queue is empty and the amount fits: what `try_*` would grant) and, only when
+both fit, takes both (guards, then tokens). Otherwise, with `timeout=0` it times out; else it
+*watches* both budgets, looks again at once and sleeps. A watch takes no place in the queue
+(`waiters` does not count it; the private `_watchers` does) and is granted nothing. The core wakes
+every watcher of a budget whenever it drains that budget: after a release or a refill of the units
+(of any amount), after a refund, a recording under the estimate or a refill of the tokens that
+adds tokens (not one of zero), when an async waiter suspends (its `poll` drains), and when a
+waiter leaves the queue cancelled (a head is replaced first: the waiters behind it that fit are
+served; a waiter cancelled after its grant gives the grant back, which drains). A drain wakes the
+waiters it granted, then every watcher in the order of the budget's list of watchers, a `Vec`
+whose `unwatch` is a `swap_remove` (the last watcher moves into the freed slot). A woken admission
+looks again when it runs; admitted or cancelled, it closes its watches (units, then tokens).
+`try_admit` is one attempt without a look: units taken and tokens denied, it releases the units,
+which wakes the units' watchers.
+
+The model is exact, wake order included, rather than a set of weaker invariants: with one loop
+and one thread every step is deterministic, the core's list of wakes and asyncio's ready queue
+are both first in, first out, and the list of watchers is kept as the core keeps it. So it knows
+in which order woken admissions run, and which of two that cannot both fit is admitted: not the
+older one, but the one earlier in the list, where a `swap_remove` may have moved it. (Every
+admission here watches both budgets, so both lists are always in the same order.) The loop's
+ready queue: woken tasks run in the order of their first wake-up, each in one go (the budgets'
+calls complete without a turn of the loop); waking a task already due to run changes nothing; a
+cancelled task is a task that will run its cancellation: until it runs it is still queued (or
+watching) and may still be granted, and then it gives the grant back. Two details are modelled
+though no check can see them, as an admission they wake is denied again without a trace: the
+wake from a waiter that suspends, and the one from a waiter cancelled behind the head.
+
+After every step the budgets, their `waiters` and `_watchers`, the set of tasks still waiting
+and the set of tasks holding a grant must equal the model's. From the real figures alone: every
+live admission watches both budgets and is in no queue; no admission waits while both queues are
+empty and both its parts fit (a lost wake-up); the section 5 balance equation and the
+conservation of units hold while no refill or over-release has broken them; a cancelled or
+timed-out task holds nothing; a ticket holds both parts. Giving everything back, again and again,
+completes every waiting call (unless a zero token capacity can never pay a debt).
 
 The tests at the end prove the machine can fail: models that serve waiters last come first
-served, let `try_*` jump the queue, skip a head that does not fit, forget to wake the next
-waiter when one is cancelled, or keep a part while an admission waits must all be rejected.
+served, let `try_*` (or only an admission's look) jump the queue, skip a head that does not fit,
+forget to serve the next waiter or to wake the watches when a waiter is cancelled, let admissions
+wait in line like `reserve` waiters, wake watchers in the order they started watching (no
+`swap_remove`), let an admission keep a part that fits while it waits, or leave a cancelled
+admission's watches open must all be rejected.
 """
 
 from __future__ import annotations
@@ -60,8 +92,10 @@ class Waiter:
     """The model's view of one waiting call (a task), or of a ticket from `try_admit`.
 
     `held` maps a side's name to what the call holds there (units, or the key of a token
-    reservation). `queued_on` is the side whose queue it is in; `grant` is a grant made while it
-    was queued, which it takes when it runs; `scheduled` says it is in the loop's ready queue.
+    reservation). `queued_on` is the side whose queue a `reserve` waiter is in; `grant` is a
+    grant made while it was queued, which it takes when it runs; `scheduled` says it is in the
+    loop's ready queue; `cancel` says a cancellation is due. A waiting admission is in the
+    watchers of both sides instead.
     """
 
     __slots__ = (
@@ -97,13 +131,14 @@ class Waiter:
 
 
 class Side:
-    """One budget of the model and its FIFO queue."""
+    """One budget of the model: its FIFO queue of waiters and its list of watchers."""
 
     name = ""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.queue: list[Waiter] = []
+        self.watchers: list[Waiter] = []  # the core's `Vec`, in its order
 
     def fits(self, amount: int) -> bool:
         raise NotImplementedError
@@ -112,7 +147,8 @@ class Side:
         """Take `amount`; return the handle that gives it back."""
         raise NotImplementedError
 
-    def put_back(self, handle: int) -> None:
+    def put_back(self, handle: int) -> bool:
+        """Give a grant back; return whether the budget drains (wakes) after it."""
         raise NotImplementedError
 
 
@@ -132,12 +168,18 @@ class UnitSide(Side):
         self.available -= amount
         return amount
 
-    def put_back(self, handle: int) -> None:
+    def put_back(self, handle: int) -> bool:
         self.available = min(self.capacity, self.available + handle)
+        return True  # a release drains whatever it gives back, even nothing
 
 
 class TokenSide(Side):
-    """Section 5 as one signed balance (`available - debt`); the handle of a grant is a key."""
+    """Section 5 as one signed balance (`available - debt`); the handle of a grant is a key.
+
+    The ledger drains only after a change that adds tokens (a positive delta, even one the
+    capacity caps): a refund of zero, a recording at or over the estimate and the refill of a
+    zero capacity wake no one.
+    """
 
     name = TOKEN
 
@@ -170,37 +212,38 @@ class TokenSide(Side):
         self.held[key] = amount
         return key
 
-    def _move(self, delta: int) -> None:
+    def _move(self, delta: int) -> bool:
         self.balance += delta
         if self.balance > self.capacity:
             self.balance = self.capacity
             self.anchored = False
+        return delta > 0
 
-    def put_back(self, handle: int) -> None:
-        self._move(self.held.pop(handle))
+    def put_back(self, handle: int) -> bool:
+        return self._move(self.held.pop(handle))
 
-    def record(self, key: int, actual: int) -> None:
+    def record(self, key: int, actual: int) -> bool:
         estimate = self.held.pop(key)
         self.consumed += actual
-        self._move(estimate - actual)
+        return self._move(estimate - actual)
 
-    def refill(self) -> None:
+    def refill(self) -> bool:
         self.anchored = False
-        self._move(self.capacity)
+        return self._move(self.capacity)
 
 
 class WaitingModel:
-    """Both budgets, their queues, the waiting calls, and the event loop's ready queue.
+    """Both budgets, their queues and watchers, the waiting calls, and the loop's ready queue.
 
-    The loop runs woken tasks first come, first served: a grant appends the task it wakes, and a
-    cancellation appends the task it interrupts unless that task is already due to run. A task
-    runs in one go (the budgets' calls complete without a turn of the loop) until it holds what
-    it asked for or queues again.
+    The loop runs woken tasks first come, first served: a grant or a watch appends the task it
+    wakes, and a cancellation appends the task it interrupts, unless that task is already due to
+    run. A task runs in one go until it holds what it asked for, ends, or sleeps again.
     """
 
     def __init__(self, unit_capacity: int, token_capacity: int) -> None:
         self.unit = UnitSide(unit_capacity)
         self.tokens = TokenSide(token_capacity)
+        self.parts = (self.unit, self.tokens)  # an admission's parts in its order: guards first
         self.ready: deque[Waiter] = deque()
         self.waiters: list[Waiter] = []
         self.loose = 0  # units taken with try_reserve and not released yet
@@ -217,33 +260,63 @@ class WaitingModel:
         return 0
 
     def withdraw(self, side: Side, waiter: Waiter) -> None:
-        """A cancelled waiter leaves the queue, and the next one is still woken (section 7)."""
-        side.queue.remove(waiter)
-        self.serve(side)
+        """A cancelled waiter leaves the queue: if it was the head, those behind it are served;
+        either way every watcher is woken (a shorter line may let an admission through)."""
+        index = side.queue.index(waiter)
+        del side.queue[index]
+        self.drain(side, serve=index == 0)
 
-    def give_back_before_waiting(self, waiter: Waiter) -> None:
-        """An admission gives back what it took before it waits again (section 8)."""
-        self.give_back(waiter.held)
-        waiter.held = {}
+    def to_wake(self, side: Side) -> list[Waiter]:
+        """The watchers a drain wakes, in order: all of them, in the order of the list."""
+        return list(side.watchers)
 
-    # -- the queues -------------------------------------------------------------------------------
+    def unwatch(self, side: Side, waiter: Waiter) -> None:
+        """A watch is closed: `swap_remove`, the last watcher takes the freed slot."""
+        index = side.watchers.index(waiter)
+        side.watchers[index] = side.watchers[-1]
+        side.watchers.pop()
+
+    def looks_fit(self, side: Side, amount: int) -> bool:
+        """An admission's look (`_fits`): what a non-waiting call would be granted now."""
+        return not self.try_is_blocked(side) and side.fits(amount)
+
+    def admission_tries(self, waiter: Waiter) -> bool:
+        """Look at every part; only when all fit take them all (all or nothing). Admitted?"""
+        if not all(self.looks_fit(side, waiter.amount_on(side)) for side in self.parts):
+            return False
+        for side in self.parts:
+            waiter.held[side.name] = side.take(waiter.amount_on(side))
+        return True
+
+    def end_admission(self, waiter: Waiter) -> None:
+        """Admitted or cancelled, an admission closes its watches, in the order of its parts."""
+        for side in self.parts:
+            self.unwatch(side, waiter)
+
+    # -- the core's queues ------------------------------------------------------------------------
 
     def try_take(self, side: Side, amount: int) -> int | None:
         if self.try_is_blocked(side) or not side.fits(amount):
             return None
         return side.take(amount)
 
-    def serve(self, side: Side) -> None:
-        """Grant from the queue while the waiter served next fits, and wake each one granted."""
-        while side.queue:
+    def drain(self, side: Side, *, serve: bool = True, watchers: bool = True) -> None:
+        """Grant from the queue while the waiter served next fits; then wake the waiters granted,
+        in order, and then every watcher."""
+        woken = []
+        while serve and side.queue:
             index = self.next_to_serve(side)
             waiter = side.queue[index]
             amount = waiter.amount_on(side)
             if not side.fits(amount):
-                return
+                break
             del side.queue[index]
             waiter.queued_on = None
             waiter.grant = (side, side.take(amount))
+            woken.append(waiter)
+        if watchers:
+            woken.extend(self.to_wake(side))
+        for waiter in woken:
             self.wake(waiter)
 
     def wake(self, waiter: Waiter) -> None:
@@ -252,8 +325,8 @@ class WaitingModel:
             self.ready.append(waiter)
 
     def put_back(self, side: Side, handle: int) -> None:
-        side.put_back(handle)
-        self.serve(side)
+        if side.put_back(handle):
+            self.drain(side)
 
     def give_back(self, held: dict[str, int]) -> None:
         # A ticket releases its guards first, then refunds its reservations.
@@ -262,55 +335,36 @@ class WaitingModel:
         if TOKEN in held:
             self.put_back(self.tokens, held[TOKEN])
 
-    def enqueue(self, waiter: Waiter, side: Side) -> int | None:
-        """Wait for `side`: granted at once when nobody is queued and it fits, else queued."""
-        amount = waiter.amount_on(side)
-        if not side.queue and side.fits(amount):
-            return side.take(amount)
-        side.queue.append(waiter)
-        waiter.queued_on = side
-        return None
-
     # -- the calls that wait ----------------------------------------------------------------------
 
     def start(self, waiter: Waiter, timeout_zero: bool) -> None:
         """The first step of a new task; the loop was quiet, so it runs first."""
         self.waiters.append(waiter)
         if waiter.kind == ADMIT:
-            if timeout_zero:
-                held = self.try_admit(waiter.cost, waiter.estimate)
-                waiter.held = held or {}
-                waiter.state = TIMED_OUT if held is None else HOLDING
+            if self.admission_tries(waiter):
+                waiter.state = HOLDING
+            elif timeout_zero:
+                waiter.state = TIMED_OUT  # the deadline has passed: no watch, no trace
             else:
-                self.admit_attempt(waiter)
+                # Watch both, then look again at once (nothing changed: still no), then sleep.
+                for side in self.parts:
+                    side.watchers.append(waiter)
             return
         side = self.unit if waiter.kind == UNIT else self.tokens
-        if not side.queue and side.fits(waiter.amount_on(side)):
-            waiter.held[side.name] = side.take(waiter.amount_on(side))
+        amount = waiter.amount_on(side)
+        if not self.try_is_blocked(side) and side.fits(amount):
+            waiter.held[side.name] = side.take(amount)  # the fast path, without suspending
             waiter.state = HOLDING
         elif timeout_zero:
-            waiter.state = TIMED_OUT  # queued and withdrawn in the same step: no trace
+            waiter.state = TIMED_OUT  # refused before it queues: no trace
         else:
-            self.enqueue(waiter, side)
-
-    def admit_attempt(self, waiter: Waiter) -> None:
-        """Try every part not held yet; on a denial give back and wait in that part's queue."""
-        while True:
-            for side in (self.unit, self.tokens):
-                if side.name in waiter.held:
-                    continue
-                handle = self.try_take(side, waiter.amount_on(side))
-                if handle is None:
-                    break
-                waiter.held[side.name] = handle
-            else:
-                waiter.state = HOLDING
-                return
-            self.give_back_before_waiting(waiter)
-            handle = self.enqueue(waiter, side)
-            if handle is None:
-                return
-            waiter.held[side.name] = handle
+            # Queued last: the core grants at once only what fits from the head (nothing here,
+            # since a head that fits is always served), without waking the watchers. The wait
+            # then polls, and that drain wakes the watchers.
+            side.queue.append(waiter)
+            waiter.queued_on = side
+            self.drain(side, watchers=False)
+            self.drain(side)
 
     def cancel(self, waiter: Waiter) -> None:
         assert waiter.state == WAITING
@@ -322,9 +376,20 @@ class WaitingModel:
         while self.ready:
             waiter = self.ready.popleft()
             waiter.scheduled = False
-            self.step(waiter)
+            if waiter.state == WAITING:  # a finished task woken through a watch does nothing
+                self.step(waiter)
 
     def step(self, waiter: Waiter) -> None:
+        if waiter.kind == ADMIT:
+            if waiter.cancel:
+                self.end_admission(waiter)
+                self.give_back(waiter.held)  # nothing, unless a wrong model kept a part
+                waiter.held = {}
+                waiter.state = CANCELLED
+            elif self.admission_tries(waiter):
+                self.end_admission(waiter)
+                waiter.state = HOLDING
+            return  # else it sleeps again
         grant, waiter.grant = waiter.grant, None
         if waiter.cancel:
             if waiter.queued_on is not None:
@@ -332,17 +397,12 @@ class WaitingModel:
                 self.withdraw(side, waiter)
             elif grant is not None:  # granted before the cancellation ran: given back
                 self.put_back(*grant)
-            self.give_back(waiter.held)
-            waiter.held = {}
             waiter.state = CANCELLED
             return
-        assert grant is not None, "a task runs when it is granted or cancelled"
+        assert grant is not None, "a waiter runs when it is granted or cancelled"
         side, handle = grant
         waiter.held[side.name] = handle
-        if waiter.kind == ADMIT:
-            self.admit_attempt(waiter)
-        else:
-            waiter.state = HOLDING
+        waiter.state = HOLDING
 
     def finish(self, waiter: Waiter) -> None:
         """What a holding call holds goes back (a permit released, a ticket closed)."""
@@ -368,23 +428,24 @@ class WaitingModel:
     def refill_units(self) -> None:
         self.unit_anchored = False
         self.unit.available = self.unit.capacity
-        self.serve(self.unit)
+        self.drain(self.unit)
 
     def try_reserve_tokens(self, estimate: int) -> int | None:
         return self.try_take(self.tokens, estimate)
 
     def record(self, key: int, actual: int) -> None:
-        self.tokens.record(key, actual)
-        self.serve(self.tokens)
+        if self.tokens.record(key, actual):
+            self.drain(self.tokens)
 
     def refund(self, key: int) -> None:
         self.put_back(self.tokens, key)
 
     def refill_tokens(self) -> None:
-        self.tokens.refill()
-        self.serve(self.tokens)
+        if self.tokens.refill():
+            self.drain(self.tokens)
 
     def try_admit(self, cost: int, estimate: int) -> dict[str, int] | None:
+        """One attempt, in order, without looking first: a denial gives back what was taken."""
         held: dict[str, int] = {}
         for side, amount in ((self.unit, cost), (self.tokens, estimate)):
             handle = self.try_take(side, amount)
@@ -546,6 +607,15 @@ class WaitingMachine(RuleBasedStateMachine):
             owner.model.state = DONE
             owner.model.held = {}
 
+    @staticmethod
+    def waiting_amount(data, side, label):
+        """An amount up to the capacity; into an empty queue, often more than is available now,
+        so that it queues."""
+        low = 0
+        if not side.queue and side.available < side.capacity and data.draw(st.booleans()):
+            low = side.available + 1
+        return data.draw(st.integers(low, side.capacity), label=label)
+
     @initialize(unit_capacity=st.integers(0, 12), token_capacity=st.integers(0, 40))
     def create(self, unit_capacity, token_capacity):
         self.units = AtomicBudget(unit_capacity)
@@ -601,7 +671,7 @@ class WaitingMachine(RuleBasedStateMachine):
 
     @rule(data=st.data(), timeout=TIMEOUTS)
     def start_reserve(self, data, timeout):
-        call = self.new_call(UNIT, cost=data.draw(st.integers(0, self.units.capacity), "cost"))
+        call = self.new_call(UNIT, cost=self.waiting_amount(data, self.model.unit, "cost"))
 
         async def start():
             call.task = asyncio.create_task(_wait_for_permit(call, self.units, timeout))
@@ -714,7 +784,7 @@ class WaitingMachine(RuleBasedStateMachine):
 
     @rule(data=st.data(), timeout=TIMEOUTS)
     def start_reserve_tokens(self, data, timeout):
-        estimate = data.draw(st.integers(0, self.tokens.capacity), label="estimate")
+        estimate = self.waiting_amount(data, self.model.tokens, "estimate")
         call = self.new_call(TOKEN, estimate=estimate)
 
         async def start():
@@ -748,18 +818,30 @@ class WaitingMachine(RuleBasedStateMachine):
         call.model.state = HOLDING
         self.model.waiters.append(call.model)
 
-    @rule(data=st.data(), timeout=TIMEOUTS)
-    def start_admit(self, data, timeout):
-        cost = data.draw(st.integers(0, self.units.capacity), label="cost")
-        estimate = data.draw(st.integers(0, self.tokens.capacity), label="estimate")
-        call = self.new_call(ADMIT, cost, estimate)
+    def admission_amounts(self, data):
+        """A cost and an estimate: up to the capacities, or (often) what is available now, so
+        that an admission is kept waiting by a queue alone."""
+        model = self.model
+        if data.draw(st.booleans(), label="fits now"):
+            limits = (model.unit.available, model.tokens.available)
+        else:
+            limits = (model.unit.capacity, model.tokens.capacity)
+        cost = data.draw(st.integers(0, limits[0]), label="cost")
+        return cost, data.draw(st.integers(0, limits[1]), label="estimate")
+
+    @rule(data=st.data(), timeout=TIMEOUTS, how_many=st.sampled_from([1, 1, 2, 3]))
+    def start_admit(self, data, timeout, how_many):
+        # Several in one turn of the loop: each runs its first step in turn, and several watch.
+        calls = [self.new_call(ADMIT, *self.admission_amounts(data)) for _ in range(how_many)]
 
         async def start():
-            waiting = _wait_for_admission(call, self.units, self.tokens, timeout)
-            call.task = asyncio.create_task(waiting)
+            for call in calls:
+                waiting = _wait_for_admission(call, self.units, self.tokens, timeout)
+                call.task = asyncio.create_task(waiting)
 
         self.act(start)
-        self.model.start(call.model, timeout == 0)
+        for call in calls:
+            self.model.start(call.model, timeout == 0)
         self.model.run()
 
     def close_op(self, call, record_first=None, use_async=True):
@@ -797,9 +879,12 @@ class WaitingMachine(RuleBasedStateMachine):
     # -- cancelling -------------------------------------------------------------------------------
 
     @precondition(lambda self: self.model and self.waiting())
-    @rule(data=st.data())
-    def cancel(self, data):
-        call = data.draw(st.sampled_from(self.waiting()), label="call")
+    @rule(data=st.data(), a_head=st.booleans())
+    def cancel(self, data, a_head):
+        # Often the head of a queue: what the waiters behind it and the admissions wait for.
+        heads = self.model.unit.queue[:1] + self.model.tokens.queue[:1]
+        choices = [c for c in self.waiting() if a_head and c.model in heads] or self.waiting()
+        call = data.draw(st.sampled_from(choices), label="call")
 
         async def cancel():
             assert call.task.cancel()
@@ -815,7 +900,9 @@ class WaitingMachine(RuleBasedStateMachine):
 
         Given back first, the task may be granted before its cancellation runs: it must give the
         grant back. Cancelled first, it is still queued until its cancellation runs, and may be
-        granted meanwhile: the same.
+        granted meanwhile: the same. Not granted, it leaves the queue when its cancellation runs,
+        which wakes the admissions again: they may have run (and been denied by the queue) since
+        the give-back woke them. A cancelled admission ends when it runs and wakes no one.
         """
         heads = self.model.unit.queue[:1] + self.model.tokens.queue[:1]
         choices = [c for c in self.waiting() if c.model in heads] or self.waiting()
@@ -844,6 +931,59 @@ class WaitingMachine(RuleBasedStateMachine):
             self.model.cancel(call.model)
         self.model.run()
 
+    # -- giving back many at once ----------------------------------------------------------------
+
+    def give_back_ops(self, data):
+        """Every way to give something back now, with its mirror, including both refills."""
+        ops = []
+        if self.model.loose:
+            ops.append(self.release_op(self.model.loose, use_async=data.draw(st.booleans())))
+        ops.extend(self.release_permit_op(call) for call in self.calls_in(HOLDING, UNIT))
+        ops.extend(self.close_op(call) for call in self.calls_in(HOLDING, ADMIT))
+        ops.extend(self.drop_op(owner) for owner in self.reservation_owners())
+        ops.extend((self.refill_units_op(), self.refill_tokens_op()))
+        return ops
+
+    def give_back_in_one_turn(self, ops):
+        self.act(*(op for op, _ in ops))
+        for _, mirror in ops:
+            mirror()
+        self.model.run()
+
+    @precondition(lambda self: self.model and self.waiting())
+    @rule(data=st.data())
+    def give_back_many(self, data):
+        """Give back several things in one turn of the loop, in any order: the waiters granted
+        and the admissions woken then run in the order of their first wake-up."""
+        ops = self.give_back_ops(data)
+        chosen = data.draw(st.lists(st.sampled_from(ops), min_size=1, unique=True), "given")
+        self.give_back_in_one_turn(chosen)
+
+    @precondition(lambda self: self.model and len(self.waiting()) >= 3)
+    @rule(data=st.data())
+    def give_everything_back(self, data):
+        """Give back everything held and refill both budgets in one turn, again until no call
+        waits: every waiting call completes (an admission too, whatever the others do). Only a
+        debt on a zero token capacity, which nothing pays, may keep token calls waiting for ever.
+        """
+        model = self.model
+        rounds = 2 * len(self.waiting()) + model.tokens.debt // max(model.tokens.capacity, 1) + 2
+        shuffle = data.draw(st.randoms(use_true_random=False), label="orders").shuffle
+        for _ in range(rounds):
+            ops = self.give_back_ops(data)
+            shuffle(ops)
+            self.give_back_in_one_turn(ops)
+            self.check_everything()
+            if not self.waiting():
+                break
+        stuck = self.waiting()
+        if model.tokens.capacity == 0 and model.tokens.debt:
+            assert all(c.model.kind != UNIT for c in stuck), "the units serve every waiter"
+        else:
+            assert not stuck, "every call completes once everything is given back"
+        live = [c for c in self.calls if c.task is not None and not c.task.done()]
+        assert len(live) == len(stuck)
+
     # -- misuse -----------------------------------------------------------------------------------
 
     @rule(extra=st.integers(1, 3))
@@ -860,6 +1000,14 @@ class WaitingMachine(RuleBasedStateMachine):
 
     # -- the checks after every step --------------------------------------------------------------
 
+    def check_everything(self):
+        """The invariants, for a rule that takes several steps."""
+        self.budgets_match_the_model()
+        self.admissions_watch_and_miss_no_wake_up()
+        self.calls_match_the_model()
+        self.reservations_are_armed()
+        self.nothing_is_lost()
+
     @invariant()
     def budgets_match_the_model(self):
         if self.model is None:
@@ -872,6 +1020,25 @@ class WaitingMachine(RuleBasedStateMachine):
             model.tokens.consumed,
             len(model.tokens.queue),
         )
+        watchers = (len(model.unit.watchers), len(model.tokens.watchers))
+        assert (units._watchers, tokens._watchers) == watchers, "the admissions watching"
+
+    @invariant()
+    def admissions_watch_and_miss_no_wake_up(self):
+        # From the real figures alone: every live admission watches both budgets, a watch is in
+        # no queue, and no admission still waits while both of its parts would be granted.
+        if self.model is None:
+            return
+        units, tokens = self.units, self.tokens
+        live = [c for c in self.calls if c.task is not None and not c.task.done()]
+        admissions = [c.model for c in live if c.model.kind == ADMIT]
+        assert units._watchers == tokens._watchers == len(admissions)
+        assert units.waiters + tokens.waiters == len(live) - len(admissions)
+        if units.waiters == 0 and tokens.waiters == 0:
+            balance = tokens.available - tokens.debt
+            for admission in admissions:
+                fits = units.available >= admission.cost and balance >= admission.estimate
+                assert not fits, f"{admission} waits although both parts fit: a lost wake-up"
 
     @invariant()
     def calls_match_the_model(self):
@@ -953,10 +1120,17 @@ class _LastComeFirstServedModel(WaitingModel):
 
 
 class _QueueJumpingModel(WaitingModel):
-    """Lets `try_*` take what fits even while waiters are queued."""
+    """Lets `try_*` (and so an admission's look) take what fits even while waiters are queued."""
 
     def try_is_blocked(self, side: Side) -> bool:
         return False
+
+
+class _AdmissionJumpsTheQueueModel(WaitingModel):
+    """An admission's look sees only what is available, not the waiters queued before it."""
+
+    def looks_fit(self, side: Side, amount: int) -> bool:
+        return side.fits(amount)
 
 
 class _SkipTheBlockedHeadModel(WaitingModel):
@@ -967,23 +1141,85 @@ class _SkipTheBlockedHeadModel(WaitingModel):
         return next(fitting, 0)
 
 
-class _CancelWakesNobodyModel(WaitingModel):
-    """A cancelled waiter leaves the queue, but the one behind it is not served."""
+class _CancelServesNobodyModel(WaitingModel):
+    """A cancelled head leaves the queue, but the waiter behind it is not served."""
 
     def withdraw(self, side: Side, waiter: Waiter) -> None:
         side.queue.remove(waiter)
+        self.drain(side, serve=False)
 
 
-class _AdmitHoldsWhileWaitingModel(WaitingModel):
-    """An admission keeps the part it got while it waits for another."""
+class _CancelWakesNoWatchModel(WaitingModel):
+    """A cancelled waiter leaves the queue, but the watches are not woken."""
 
-    def give_back_before_waiting(self, waiter: Waiter) -> None:
-        pass
+    def withdraw(self, side: Side, waiter: Waiter) -> None:
+        index = side.queue.index(waiter)
+        del side.queue[index]
+        self.drain(side, serve=index == 0, watchers=False)
 
 
+class _AdmissionsWaitInLineModel(WaitingModel):
+    """Admissions wait in line like `reserve` waiters: first come, first served, and one that
+    does not fit blocks the admissions behind it (and newer ones)."""
+
+    def to_wake(self, side: Side) -> list[Waiter]:
+        return sorted(side.watchers, key=lambda waiter: waiter.ident)
+
+    def admission_tries(self, waiter: Waiter) -> bool:
+        line = self.to_wake(self.unit)
+        if line and line[0] is not waiter:
+            return False
+        return super().admission_tries(waiter)
+
+
+class _FirstComeFirstWokenModel(WaitingModel):
+    """Watchers are woken in the order they started watching (a closed watch is removed in
+    place, not by `swap_remove`)."""
+
+    def unwatch(self, side: Side, waiter: Waiter) -> None:
+        side.watchers.remove(waiter)
+
+
+class _AdmissionKeepsWhatFitsModel(WaitingModel):
+    """A waiting admission takes each part as soon as it fits, and keeps it while it waits."""
+
+    def admission_tries(self, waiter: Waiter) -> bool:
+        for side in self.parts:
+            amount = waiter.amount_on(side)
+            if side.name not in waiter.held and self.looks_fit(side, amount):
+                waiter.held[side.name] = side.take(amount)
+        return len(waiter.held) == len(self.parts)
+
+
+class _CancelledAdmissionKeepsWatchingModel(WaitingModel):
+    """A cancelled admission leaves its watches open (no `finally`)."""
+
+    def end_admission(self, waiter: Waiter) -> None:
+        if not waiter.cancel:
+            super().end_admission(waiter)
+
+
+_WRONG_MODELS = {
+    "lifo": _LastComeFirstServedModel,
+    "try-jumps-the-queue": _QueueJumpingModel,
+    "admission-jumps-the-queue": _AdmissionJumpsTheQueueModel,
+    "skip-blocked-head": _SkipTheBlockedHeadModel,
+    "cancel-serves-nobody": _CancelServesNobodyModel,
+    "cancel-wakes-no-watch": _CancelWakesNoWatchModel,
+    "admissions-in-line": _AdmissionsWaitInLineModel,
+    "watchers-woken-fifo": _FirstComeFirstWokenModel,
+    "admission-keeps-what-fits": _AdmissionKeepsWhatFitsModel,
+    "cancelled-admission-keeps-watching": _CancelledAdmissionKeepsWatchingModel,
+}
+
+# A search stops at its first failure, so the cap costs time only when a wrong model goes
+# unnoticed. It is high because the rarest mistakes need a few steps in a row: forgetting to wake
+# the watches when a waiter is cancelled shows only when a plain cancellation of the waiter that
+# alone keeps an admission out is not followed by any other drain (found after ~150 examples on
+# average, now and then only after ~700).
 _FIND_A_WRONG_MODEL = settings(
-    max_examples=1_000,
-    stateful_step_count=50,
+    max_examples=3_000,
+    stateful_step_count=100,
     database=None,
     phases=[Phase.generate],
     verbosity=Verbosity.quiet,
@@ -993,17 +1229,7 @@ _FIND_A_WRONG_MODEL = settings(
 )
 
 
-@pytest.mark.parametrize(
-    "wrong_model",
-    [
-        _LastComeFirstServedModel,
-        _QueueJumpingModel,
-        _SkipTheBlockedHeadModel,
-        _CancelWakesNobodyModel,
-        _AdmitHoldsWhileWaitingModel,
-    ],
-    ids=["lifo", "try-jumps-the-queue", "skip-blocked-head", "cancel-wakes-nobody", "admit-holds"],
-)
+@pytest.mark.parametrize("wrong_model", _WRONG_MODELS.values(), ids=_WRONG_MODELS.keys())
 def test_machine_rejects_a_wrong_model(wrong_model):
     # The rules must reach the path a plausible mistake changes, and the checks must see it.
     mutant = type(f"WaitingMachineWith{wrong_model.__name__}", (WaitingMachine,), {})
