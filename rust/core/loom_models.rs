@@ -7,7 +7,7 @@ use loom::thread;
 
 use loom::sync::atomic::{AtomicBool, Ordering};
 
-use super::{Hold, RecordError, TokenLedger, UnitBudget, Waiter};
+use super::{Hold, RecordError, TokenLedger, UnitBudget, Waitable, Waiter};
 
 /// A waiter whose wake-up sets a flag the model can read.
 fn flagged(cost: u64) -> (Arc<Waiter>, Arc<AtomicBool>) {

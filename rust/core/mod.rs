@@ -15,6 +15,7 @@ mod token;
 mod unit;
 #[cfg(not(loom))]
 mod wait;
+mod waitable;
 
 pub use clock::{Clock, ManualClock, Wake};
 pub use hold::{Hold, RecordError};
@@ -23,7 +24,8 @@ pub use rate::{MAX_RATE, RateError, Refill};
 pub use token::{MAX_TOKEN_CAPACITY, TokenLedger};
 pub use unit::UnitBudget;
 #[cfg(not(loom))]
-pub use wait::{WaitError, Waitable, wait_blocking};
+pub use wait::{WaitError, wait_blocking};
+pub use waitable::{Ledger, Waitable};
 
 #[cfg(all(test, loom))]
 mod loom_models;

@@ -4,9 +4,10 @@
 use std::sync::Arc;
 
 use super::clock::{Clock, Wake};
-use super::queue::{WaitQueue, Waiter};
+use super::queue::WaitQueue;
 use super::rate::{RateError, Refill};
 use super::sync::{AtomicI64, AtomicU64, Ordering};
+use super::waitable::{Ledger, Waitable};
 
 /// The largest token capacity: the balance word is signed, so capacity fits in an `i64`.
 pub const MAX_TOKEN_CAPACITY: u64 = i64::MAX as u64;
@@ -113,33 +114,10 @@ impl TokenLedger {
         self.consumed.load(Ordering::Acquire)
     }
 
-    /// How many wait in the queue.
-    #[must_use]
-    pub fn waiters(&self) -> usize {
-        self.queue.len()
-    }
-
     /// Deducts `estimate` if `available - debt >= estimate` and no one waits in the queue;
     /// otherwise changes nothing. In debt even an estimate of zero is denied.
     pub fn try_reserve(&self, estimate: u64) -> bool {
-        self.queue.is_empty() && self.take(estimate)
-    }
-
-    /// Deducts `estimate` if it fits, queue or not (the queue's own grant).
-    fn take(&self, estimate: u64) -> bool {
-        match &self.refill {
-            // `fetch_update` is a `compare_exchange_weak` loop; a `None` from the closure denies.
-            None => self
-                .balance
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |current| {
-                    let free = u64::try_from(current).ok()?; // in debt: nothing is free
-                    // estimate <= free <= i64::MAX, so the difference fits.
-                    (free >= estimate)
-                        .then(|| to_balance(i128::from(current) - i128::from(estimate)))
-                })
-                .is_ok(),
-            Some(refill) => refill.try_take(estimate),
-        }
+        Waitable::try_reserve(self, estimate)
     }
 
     /// Settles a reservation of `estimate` whose provider reported `actual` tokens: adds `actual`
@@ -181,81 +159,43 @@ impl TokenLedger {
             self.drain();
         }
     }
-
-    /// Whether new heads of the queue must be told to set a timer for the refill.
-    fn timed(&self) -> bool {
-        self.refill.as_ref().is_some_and(|r| !r.clock().is_manual())
-    }
-
-    fn drain(&self) {
-        self.queue
-            .drain(|estimate| self.take(estimate), self.timed());
-    }
-
-    /// Queues `waiter` behind those already waiting; it is granted (its estimate deducted) as
-    /// soon as it is first in line and fits, possibly at once. A granted waiter's estimate is
-    /// held by [`Hold::adopt`](super::Hold::adopt).
-    pub fn enqueue(&self, waiter: Arc<Waiter>) {
-        self.queue
-            .enqueue(waiter, |estimate| self.take(estimate), self.timed());
-    }
-
-    /// Takes `waiter` out of the queue. Returns `true` if it had been granted first, in which
-    /// case its estimate is the caller's (to adopt, or to give back with [`refund`](Self::refund)).
-    pub fn cancel(&self, waiter: &Arc<Waiter>) -> bool {
-        self.queue
-            .cancel(waiter, |estimate| self.take(estimate), self.timed())
-    }
-
-    /// Wakes `watcher` (never granting it anything) at every later change that adds room or
-    /// shortens the queue, until [`unwatch`](Self::unwatch).
-    pub fn watch(&self, watcher: Arc<Waiter>) {
-        self.queue.watch(watcher);
-    }
-
-    /// Stops waking `watcher`.
-    pub fn unwatch(&self, watcher: &Arc<Waiter>) {
-        self.queue.unwatch(watcher);
-    }
-
-    /// Whether a non-waiting reservation of `amount` would be granted now (nothing changes).
-    #[must_use]
-    pub fn fits(&self, amount: u64) -> bool {
-        self.queue.is_empty() && i128::from(self.balance()) >= i128::from(amount)
-    }
-
-    /// How many watch.
-    #[must_use]
-    pub fn watchers(&self) -> usize {
-        self.queue.watchers()
-    }
-
-    /// Nanoseconds until the rate refill alone makes `amount` available to a non-waiting
-    /// reservation: `None` without a rate, on a manual clock, above the capacity, or while
-    /// waiters are queued (the one that leaves the queue, served or not, wakes the watchers).
-    #[must_use]
-    pub fn nanos_until_available(&self, amount: u64) -> Option<u64> {
-        if !self.queue.is_empty() {
-            return None;
-        }
-        self.refill.as_ref()?.nanos_until(amount)
-    }
-
-    /// Nanoseconds until `waiter`, if first in line, fits by the rate refill alone; `None` if it
-    /// is not first, or only a refund, a settlement, a refill or a clock advance can make it fit.
-    #[must_use]
-    pub fn nanos_until_fits(&self, waiter: &Arc<Waiter>) -> Option<u64> {
-        let refill = self.refill.as_ref()?;
-        if !self.queue.is_head(waiter) {
-            return None;
-        }
-        refill.nanos_until(waiter.cost())
-    }
 }
 
-impl Wake for TokenLedger {
-    fn wake_waiters(&self) {
-        self.drain();
+impl Ledger for TokenLedger {
+    fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    fn queue(&self) -> &WaitQueue {
+        &self.queue
+    }
+
+    fn refill_word(&self) -> Option<&Refill> {
+        self.refill.as_deref()
+    }
+
+    fn take(&self, estimate: u64) -> bool {
+        match &self.refill {
+            // `fetch_update` is a `compare_exchange_weak` loop; a `None` from the closure denies.
+            None => self
+                .balance
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |current| {
+                    let free = u64::try_from(current).ok()?; // in debt: nothing is free
+                    // estimate <= free <= i64::MAX, so the difference fits.
+                    (free >= estimate)
+                        .then(|| to_balance(i128::from(current) - i128::from(estimate)))
+                })
+                .is_ok(),
+            Some(refill) => refill.try_take(estimate),
+        }
+    }
+
+    fn give_back(&self, cost: u64) {
+        self.refund(cost);
+    }
+
+    fn has_room(&self, amount: u64) -> bool {
+        i128::from(self.balance()) >= i128::from(amount)
     }
 }
 

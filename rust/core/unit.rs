@@ -4,9 +4,10 @@
 use std::sync::Arc;
 
 use super::clock::{Clock, Wake};
-use super::queue::{WaitQueue, Waiter};
+use super::queue::WaitQueue;
 use super::rate::{RateError, Refill};
 use super::sync::{AtomicU64, Ordering};
+use super::waitable::{Ledger, Waitable};
 
 /// A lock-free budget of `capacity` units that callers reserve and release.
 ///
@@ -78,30 +79,10 @@ impl UnitBudget {
         }
     }
 
-    /// How many wait in the queue.
-    #[must_use]
-    pub fn waiters(&self) -> usize {
-        self.queue.len()
-    }
-
     /// Takes `cost` units if that many are available and no one waits in the queue; otherwise
     /// changes nothing. Returns whether the units were taken.
     pub fn try_reserve(&self, cost: u64) -> bool {
-        self.queue.is_empty() && self.take(cost)
-    }
-
-    /// Takes `cost` units if available, queue or not (the queue's own grant).
-    fn take(&self, cost: u64) -> bool {
-        match &self.refill {
-            // `fetch_update` is a `compare_exchange_weak` loop; a `None` from the closure denies.
-            None => self
-                .available
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |current| {
-                    current.checked_sub(cost)
-                })
-                .is_ok(),
-            Some(refill) => refill.try_take(cost),
-        }
+        Waitable::try_reserve(self, cost)
     }
 
     /// Gives `cost` units back; `available` never exceeds `capacity`. Wakes waiters that fit.
@@ -140,79 +121,40 @@ impl UnitBudget {
         let used = self.capacity - self.available().min(self.capacity);
         used as f64 / self.capacity as f64
     }
-
-    /// Whether new heads of the queue must be told to set a timer for the refill.
-    fn timed(&self) -> bool {
-        self.refill.as_ref().is_some_and(|r| !r.clock().is_manual())
-    }
-
-    fn drain(&self) {
-        self.queue.drain(|cost| self.take(cost), self.timed());
-    }
-
-    /// Queues `waiter` behind those already waiting; it is granted (its cost taken) as soon as
-    /// it is first in line and fits, possibly at once.
-    pub fn enqueue(&self, waiter: Arc<Waiter>) {
-        self.queue
-            .enqueue(waiter, |cost| self.take(cost), self.timed());
-    }
-
-    /// Takes `waiter` out of the queue. Returns `true` if it had been granted first, in which
-    /// case its units are the caller's (to keep, or to give back with [`release`](Self::release)).
-    pub fn cancel(&self, waiter: &Arc<Waiter>) -> bool {
-        self.queue
-            .cancel(waiter, |cost| self.take(cost), self.timed())
-    }
-
-    /// Wakes `watcher` (never granting it anything) at every later change that adds room or
-    /// shortens the queue, until [`unwatch`](Self::unwatch).
-    pub fn watch(&self, watcher: Arc<Waiter>) {
-        self.queue.watch(watcher);
-    }
-
-    /// Stops waking `watcher`.
-    pub fn unwatch(&self, watcher: &Arc<Waiter>) {
-        self.queue.unwatch(watcher);
-    }
-
-    /// Whether a non-waiting reservation of `amount` would be granted now (nothing changes).
-    #[must_use]
-    pub fn fits(&self, amount: u64) -> bool {
-        self.queue.is_empty() && self.available() >= amount
-    }
-
-    /// How many watch.
-    #[must_use]
-    pub fn watchers(&self) -> usize {
-        self.queue.watchers()
-    }
-
-    /// Nanoseconds until the rate refill alone makes `amount` available to a non-waiting
-    /// reservation: `None` without a rate, on a manual clock, above the capacity, or while
-    /// waiters are queued (the one that leaves the queue, served or not, wakes the watchers).
-    #[must_use]
-    pub fn nanos_until_available(&self, amount: u64) -> Option<u64> {
-        if !self.queue.is_empty() {
-            return None;
-        }
-        self.refill.as_ref()?.nanos_until(amount)
-    }
-
-    /// Nanoseconds until `waiter`, if first in line, fits by the rate refill alone; `None` if it
-    /// is not first, or only a release, a refill or a clock advance can make it fit.
-    #[must_use]
-    pub fn nanos_until_fits(&self, waiter: &Arc<Waiter>) -> Option<u64> {
-        let refill = self.refill.as_ref()?;
-        if !self.queue.is_head(waiter) {
-            return None;
-        }
-        refill.nanos_until(waiter.cost())
-    }
 }
 
-impl Wake for UnitBudget {
-    fn wake_waiters(&self) {
-        self.drain();
+impl Ledger for UnitBudget {
+    fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    fn queue(&self) -> &WaitQueue {
+        &self.queue
+    }
+
+    fn refill_word(&self) -> Option<&Refill> {
+        self.refill.as_deref()
+    }
+
+    fn take(&self, cost: u64) -> bool {
+        match &self.refill {
+            // `fetch_update` is a `compare_exchange_weak` loop; a `None` from the closure denies.
+            None => self
+                .available
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |current| {
+                    current.checked_sub(cost)
+                })
+                .is_ok(),
+            Some(refill) => refill.try_take(cost),
+        }
+    }
+
+    fn give_back(&self, cost: u64) {
+        self.release(cost);
+    }
+
+    fn has_room(&self, amount: u64) -> bool {
+        self.available() >= amount
     }
 }
 

@@ -1,111 +1,10 @@
 //! Waiting for room: what both budgets offer a waiter, and a blocking wait for threads.
 
 use std::fmt;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::queue::Waiter;
-use super::token::TokenLedger;
-use super::unit::UnitBudget;
-
-/// A budget with a wait queue: [`UnitBudget`] and [`TokenLedger`].
-pub trait Waitable: Send + Sync {
-    /// The most that can ever fit.
-    fn capacity(&self) -> u64;
-    /// Takes `cost` if it fits and no one waits.
-    fn try_reserve(&self, cost: u64) -> bool;
-    /// Queues `waiter`; it may be granted at once.
-    fn enqueue(&self, waiter: Arc<Waiter>);
-    /// Takes `waiter` out of the queue; `true` if it had been granted first (its cost is then
-    /// the caller's).
-    fn cancel(&self, waiter: &Arc<Waiter>) -> bool;
-    /// Gives back the cost of a granted waiter that will not use it, and wakes those that fit.
-    fn give_back(&self, cost: u64);
-    /// Grants whatever waiters fit now.
-    fn wake_waiters(&self);
-    /// Nanoseconds until `waiter` fits by the rate refill alone, if it is first in line.
-    fn nanos_until_fits(&self, waiter: &Arc<Waiter>) -> Option<u64>;
-    /// Wakes `watcher` at every later change that adds room or shortens the queue.
-    fn watch(&self, watcher: Arc<Waiter>);
-    /// Stops waking `watcher`.
-    fn unwatch(&self, watcher: &Arc<Waiter>);
-    /// Nanoseconds until the rate refill alone makes `amount` available.
-    fn nanos_until_available(&self, amount: u64) -> Option<u64>;
-    /// Whether a non-waiting reservation of `amount` would be granted now.
-    fn fits(&self, amount: u64) -> bool;
-}
-
-impl Waitable for UnitBudget {
-    fn capacity(&self) -> u64 {
-        UnitBudget::capacity(self)
-    }
-    fn try_reserve(&self, cost: u64) -> bool {
-        UnitBudget::try_reserve(self, cost)
-    }
-    fn enqueue(&self, waiter: Arc<Waiter>) {
-        UnitBudget::enqueue(self, waiter);
-    }
-    fn cancel(&self, waiter: &Arc<Waiter>) -> bool {
-        UnitBudget::cancel(self, waiter)
-    }
-    fn give_back(&self, cost: u64) {
-        self.release(cost);
-    }
-    fn wake_waiters(&self) {
-        super::Wake::wake_waiters(self);
-    }
-    fn nanos_until_fits(&self, waiter: &Arc<Waiter>) -> Option<u64> {
-        UnitBudget::nanos_until_fits(self, waiter)
-    }
-    fn watch(&self, watcher: Arc<Waiter>) {
-        UnitBudget::watch(self, watcher);
-    }
-    fn unwatch(&self, watcher: &Arc<Waiter>) {
-        UnitBudget::unwatch(self, watcher);
-    }
-    fn nanos_until_available(&self, amount: u64) -> Option<u64> {
-        UnitBudget::nanos_until_available(self, amount)
-    }
-    fn fits(&self, amount: u64) -> bool {
-        UnitBudget::fits(self, amount)
-    }
-}
-
-impl Waitable for TokenLedger {
-    fn capacity(&self) -> u64 {
-        TokenLedger::capacity(self)
-    }
-    fn try_reserve(&self, cost: u64) -> bool {
-        TokenLedger::try_reserve(self, cost)
-    }
-    fn enqueue(&self, waiter: Arc<Waiter>) {
-        TokenLedger::enqueue(self, waiter);
-    }
-    fn cancel(&self, waiter: &Arc<Waiter>) -> bool {
-        TokenLedger::cancel(self, waiter)
-    }
-    fn give_back(&self, cost: u64) {
-        self.refund(cost);
-    }
-    fn wake_waiters(&self) {
-        super::Wake::wake_waiters(self);
-    }
-    fn nanos_until_fits(&self, waiter: &Arc<Waiter>) -> Option<u64> {
-        TokenLedger::nanos_until_fits(self, waiter)
-    }
-    fn watch(&self, watcher: Arc<Waiter>) {
-        TokenLedger::watch(self, watcher);
-    }
-    fn unwatch(&self, watcher: &Arc<Waiter>) {
-        TokenLedger::unwatch(self, watcher);
-    }
-    fn nanos_until_available(&self, amount: u64) -> Option<u64> {
-        TokenLedger::nanos_until_available(self, amount)
-    }
-    fn fits(&self, amount: u64) -> bool {
-        TokenLedger::fits(self, amount)
-    }
-}
+use super::waitable::Waitable;
 
 /// Why a blocking wait ended without a grant. Either way nothing was taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,7 +58,7 @@ pub fn wait_blocking<B: Waitable + ?Sized>(
         let mut until = deadline;
         if let Some(nanos) = budget.nanos_until_fits(&waiter) {
             if nanos == 0 {
-                budget.wake_waiters();
+                budget.drain();
                 continue;
             }
             if let Some(fits) = now.checked_add(Duration::from_nanos(nanos)) {
@@ -194,7 +93,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::{WaitError, wait_blocking};
-    use crate::core::{Clock, ManualClock, TokenLedger, UnitBudget};
+    use crate::core::{Clock, ManualClock, TokenLedger, UnitBudget, Waitable};
 
     #[test]
     fn a_release_from_another_thread_hands_over_the_units() {

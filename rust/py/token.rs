@@ -23,7 +23,7 @@ use super::fastcall::U64TimeoutMethod;
 use super::wait::{
     TokenRequestPy, WatchPy, check_fits, rate_error, seconds_until, to_clock, to_rate, to_timeout,
 };
-use crate::core::{Hold, MAX_TOKEN_CAPACITY, RecordError, TokenLedger};
+use crate::core::{Hold, MAX_TOKEN_CAPACITY, RecordError, TokenLedger, Waitable};
 
 /// A lock-free token budget with debt. Subclassed by `costbound.AtomicTokenBudget`.
 #[pyclass(

@@ -14,7 +14,7 @@ use super::fastcall::{U64Method, U64TimeoutMethod};
 use super::wait::{
     PermitPy, WatchPy, check_fits, rate_error, seconds_until, to_clock, to_rate, to_timeout,
 };
-use crate::core::UnitBudget;
+use crate::core::{UnitBudget, Waitable};
 
 /// A lock-free budget of unit costs (rows, requests, queue slots). Subclassed by
 /// `costbound.AtomicBudget`, which is what users construct.

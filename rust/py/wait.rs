@@ -240,7 +240,7 @@ impl WaiterPy {
     /// Grants whatever fits now; then, if still waiting and first in line on a budget with a
     /// rate, the seconds until the refill makes it fit (`None` otherwise).
     fn poll(&self) -> Option<f64> {
-        self.budget.wake_waiters();
+        self.budget.drain();
         if self.waiter.is_granted() {
             return None;
         }
