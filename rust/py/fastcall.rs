@@ -39,22 +39,38 @@ pub(crate) trait U64Method {
 
 /// Adds `M` to its class as a method descriptor.
 pub(crate) fn add_method<M: U64Method>(py: Python<'_>) -> PyResult<()> {
+    add_fastcall(
+        py,
+        M::Class::type_object_raw(py),
+        M::NAME,
+        M::DOC,
+        entry::<M>,
+    )
+}
+
+/// Adds a `METH_FASTCALL | METH_KEYWORDS` method `name` entered at `entry` to the type `kind`.
+fn add_fastcall(
+    py: Python<'_>,
+    kind: *mut ffi::PyTypeObject,
+    name: &'static CStr,
+    doc: &'static CStr,
+    entry: ffi::PyCFunctionFastWithKeywords,
+) -> PyResult<()> {
     // The definition must outlive the type; one small allocation per method, once.
     let def: &'static mut ffi::PyMethodDef = Box::leak(Box::new(ffi::PyMethodDef {
-        ml_name: M::NAME.as_ptr(),
+        ml_name: name.as_ptr(),
         ml_meth: ffi::PyMethodDefPointer {
-            PyCFunctionFastWithKeywords: entry::<M>,
+            PyCFunctionFastWithKeywords: entry,
         },
         ml_flags: ffi::METH_FASTCALL | ffi::METH_KEYWORDS,
-        ml_doc: M::DOC.as_ptr(),
+        ml_doc: doc.as_ptr(),
     }));
-    let kind = M::Class::type_object_raw(py);
     // SAFETY: attached; `kind` is a live type object and `def` lives forever.
     unsafe {
         let descriptor = Bound::from_owned_ptr_or_err(py, ffi::PyDescr_NewMethod(kind, def))?;
         let dict = Bound::from_borrowed_ptr_or_err(py, (*kind).tp_dict)?;
         dict.set_item(
-            pyo3::types::PyString::new(py, M::NAME.to_str().unwrap_or("?")),
+            pyo3::types::PyString::new(py, name.to_str().unwrap_or("?")),
             descriptor,
         )?;
         ffi::PyType_Modified(kind);
@@ -134,26 +150,13 @@ pub(crate) trait U64TimeoutMethod {
 
 /// Adds `M` to its class as a method descriptor.
 pub(crate) fn add_timeout_method<M: U64TimeoutMethod>(py: Python<'_>) -> PyResult<()> {
-    let def: &'static mut ffi::PyMethodDef = Box::leak(Box::new(ffi::PyMethodDef {
-        ml_name: M::NAME.as_ptr(),
-        ml_meth: ffi::PyMethodDefPointer {
-            PyCFunctionFastWithKeywords: timeout_entry::<M>,
-        },
-        ml_flags: ffi::METH_FASTCALL | ffi::METH_KEYWORDS,
-        ml_doc: M::DOC.as_ptr(),
-    }));
-    let kind = M::Class::type_object_raw(py);
-    // SAFETY: as in `add_method`.
-    unsafe {
-        let descriptor = Bound::from_owned_ptr_or_err(py, ffi::PyDescr_NewMethod(kind, def))?;
-        let dict = Bound::from_borrowed_ptr_or_err(py, (*kind).tp_dict)?;
-        dict.set_item(
-            pyo3::types::PyString::new(py, M::NAME.to_str().unwrap_or("?")),
-            descriptor,
-        )?;
-        ffi::PyType_Modified(kind);
-    }
-    Ok(())
+    add_fastcall(
+        py,
+        M::Class::type_object_raw(py),
+        M::NAME,
+        M::DOC,
+        timeout_entry::<M>,
+    )
 }
 
 unsafe extern "C" fn timeout_entry<M: U64TimeoutMethod>(
