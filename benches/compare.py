@@ -467,33 +467,63 @@ PEERS: tuple[tuple[str, Callable[[Context], list[Row]]], ...] = (
 # --- costbound -----------------------------------------------------------------------------------
 
 
+def _reserve_loop(budget: costbound.AtomicBudget) -> SyncBody:
+    def body(n: int) -> None:
+        b = budget
+        for _ in repeat(None, n):
+            b.try_reserve_sync(1)
+
+    return body
+
+
+def _await_reserve_loop(budget: costbound.AtomicBudget) -> AsyncBody:
+    async def body(n: int) -> None:
+        b = budget
+        for _ in repeat(None, n):
+            await b.try_reserve(1)
+
+    return body
+
+
+def _sync_pair_loop(budget: costbound.AtomicBudget) -> SyncBody:
+    def body(n: int) -> None:
+        b = budget
+        for _ in repeat(None, n):
+            b.try_reserve_sync(1)
+            b.release_sync(1)
+
+    return body
+
+
+def _async_pair_loop(budget: costbound.AtomicBudget) -> AsyncBody:
+    async def body(n: int) -> None:
+        b = budget
+        for _ in repeat(None, n):
+            await b.try_reserve(1)
+            await b.release(1)
+
+    return body
+
+
+def _token_pair_loop(budget: costbound.AtomicTokenBudget) -> SyncBody:
+    def body(n: int) -> None:
+        b = budget
+        for _ in repeat(None, n):
+            r = b.try_reserve_tokens_sync(ESTIMATE)
+            b.record_usage_sync(r, PROMPT, COMPLETION)
+
+    return body
+
+
 def costbound_guard_rows() -> list[Row]:
     single = costbound.AtomicBudget(U64_MAX)  # never runs dry: 2**64 - 1 units
     single_async = costbound.AtomicBudget(U64_MAX)
     pair = costbound.AtomicBudget(U64_MAX)
     pair_async = costbound.AtomicBudget(U64_MAX)
-
-    def reserve(n: int) -> None:
-        b = single
-        for _ in repeat(None, n):
-            b.try_reserve_sync(1)
-
-    async def await_reserve(n: int) -> None:
-        b = single_async
-        for _ in repeat(None, n):
-            await b.try_reserve(1)
-
-    def sync_pair(n: int) -> None:
-        b = pair
-        for _ in repeat(None, n):
-            b.try_reserve_sync(1)
-            b.release_sync(1)
-
-    async def async_pair(n: int) -> None:
-        b = pair_async
-        for _ in repeat(None, n):
-            await b.try_reserve(1)
-            await b.release(1)
+    reserve = _reserve_loop(single)
+    await_reserve = _await_reserve_loop(single_async)
+    sync_pair = _sync_pair_loop(pair)
+    async_pair = _async_pair_loop(pair_async)
 
     return [
         Row(CB_RESERVE, "costbound", reserve, check=lambda: single.available > 0),
@@ -524,11 +554,7 @@ def costbound_token_rows() -> list[Row]:
     tokens_async = costbound.AtomicTokenBudget(TOKEN_MAX)
     dropped = costbound.AtomicTokenBudget(TOKEN_MAX)
 
-    def token_pair(n: int) -> None:
-        b = tokens
-        for _ in repeat(None, n):
-            r = b.try_reserve_tokens_sync(ESTIMATE)
-            b.record_usage_sync(r, PROMPT, COMPLETION)
+    token_pair = _token_pair_loop(tokens)
 
     async def async_token_pair(n: int) -> None:
         b = tokens_async
@@ -773,29 +799,10 @@ def costbound_rated_rows() -> list[Row]:
     pair_async = costbound.AtomicBudget(HUGE, rate=RATE)
     since = time.monotonic()
     tokens = costbound.AtomicTokenBudget(HUGE, rate=RATE)
-
-    async def await_reserve(n: int) -> None:
-        b = single
-        for _ in repeat(None, n):
-            await b.try_reserve(1)
-
-    def sync_pair(n: int) -> None:
-        b = pair
-        for _ in repeat(None, n):
-            b.try_reserve_sync(1)
-            b.release_sync(1)
-
-    async def async_pair(n: int) -> None:
-        b = pair_async
-        for _ in repeat(None, n):
-            await b.try_reserve(1)
-            await b.release(1)
-
-    def token_pair(n: int) -> None:
-        b = tokens
-        for _ in repeat(None, n):
-            r = b.try_reserve_tokens_sync(ESTIMATE)
-            b.record_usage_sync(r, PROMPT, COMPLETION)
+    await_reserve = _await_reserve_loop(single)
+    sync_pair = _sync_pair_loop(pair)
+    async_pair = _async_pair_loop(pair_async)
+    token_pair = _token_pair_loop(tokens)
 
     note = f"capacity 1e15, rate={RATE:g}/s"
     return [
