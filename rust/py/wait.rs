@@ -182,6 +182,19 @@ fn block_for(
     }
 }
 
+/// A core waiter for `cost` whose wake-up calls the Python callable `wake()` (from whichever
+/// thread makes room, never under a lock); an exception it raises is reported as unraisable.
+fn python_waiter(cost: u64, wake: &Bound<'_, PyAny>) -> Arc<Waiter> {
+    let wake = wake.clone().unbind();
+    Waiter::new(cost, move || {
+        Python::attach(|py| {
+            if let Err(err) = wake.call0(py) {
+                err.write_unraisable(py, None);
+            }
+        });
+    })
+}
+
 /// One queued request of an async wait, driven by `costbound._waiting.wait`.
 #[pyclass(frozen, module = "costbound._native", name = "Waiter")]
 pub(crate) struct WaiterPy {
@@ -199,14 +212,7 @@ impl WaiterPy {
         cost: u64,
         wake: &Bound<'_, PyAny>,
     ) -> PyResult<Py<Self>> {
-        let wake = wake.clone().unbind();
-        let waiter = Waiter::new(cost, move || {
-            Python::attach(|py| {
-                if let Err(err) = wake.call0(py) {
-                    err.write_unraisable(py, None);
-                }
-            });
-        });
+        let waiter = python_waiter(cost, wake);
         let handle = Py::new(
             py,
             Self {
@@ -287,14 +293,7 @@ pub(crate) struct WatchPy {
 impl WatchPy {
     /// Starts watching `budget`.
     pub(crate) fn start(budget: Arc<dyn Waitable>, wake: &Bound<'_, PyAny>) -> Self {
-        let wake = wake.clone().unbind();
-        let watcher = Waiter::new(0, move || {
-            Python::attach(|py| {
-                if let Err(err) = wake.call0(py) {
-                    err.write_unraisable(py, None);
-                }
-            });
-        });
+        let watcher = python_waiter(0, wake);
         budget.watch(watcher.clone());
         Self {
             watcher,
