@@ -1,0 +1,540 @@
+"""Budgets that many processes share through Redis: ``RedisBudget`` and ``RedisTokenBudget``.
+
+Install with ``pip install 'costbound[redis]'``. Every object that names the same budget on the
+same server is the same budget::
+
+    import redis, redis.asyncio
+    from costbound.redis import RedisBudget, RedisTokenBudget
+
+    aclient = redis.asyncio.Redis.from_url("redis://127.0.0.1:6379/0")
+    sclient = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    rows = RedisBudget("acme:rows", capacity=10_000, client=aclient, sync_client=sclient)
+    llm = RedisTokenBudget("acme:tokens", capacity=2_000_000, rate=2_000_000 / 60,
+                           lease=120.0, client=aclient)
+
+Each operation is one Lua script call (EVALSHA, EVAL when the script is not cached) that reads
+Redis's own clock, on keys that share the hash tag ``{name}`` (one cluster slot). ``client``
+(asyncio) serves the async methods and ``sync_client`` the ``_sync`` ones.
+
+Token reservations, and the permits that ``reserve()`` gives, are *leases*: each expires
+``lease`` seconds after its grant unless ``extend`` pushes it out, and every call on the budget
+first reclaims up to 16 expired leases, giving each amount back exactly once. A worker that dies
+holding reservations therefore loses nothing for the others. ``try_reserve`` / ``release`` stay
+symmetric counters without identity, as in the seed: units a crashed holder took that way come
+back only by ``refill`` or ``rate``.
+
+Amounts and capacities are exact up to ``2**53 - 1`` (Lua's numbers are doubles); a capacity
+above that is a ValueError, and sums saturate there. The rate is stored as a fraction p/q per
+second with ``q * (p + 1) < 2**33``: a ratio of small integers such as ``100 / 60`` is exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine, Generator
+from dataclasses import dataclass
+from fractions import Fraction
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+from costbound._admit import _refuse_on_a_loop
+from costbound._reservation import TokenReservation
+from costbound.redis._core import (
+    MAX_AMOUNT,
+    TOMBSTONE_SECONDS,
+    Core,
+    Denied,
+    Lease,
+    amount,
+    check_fits,
+    new_id,
+    rate_fraction,
+    seconds,
+)
+
+__all__ = [
+    "MAX_AMOUNT",
+    "TOMBSTONE_SECONDS",
+    "RedisBudget",
+    "RedisPermit",
+    "RedisReservation",
+    "RedisTokenBudget",
+    "Snapshot",
+]
+
+_T = TypeVar("_T")
+_TOMBSTONE_MICROS = round(TOMBSTONE_SECONDS * 1e6)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A Redis budget's state as the server holds it at one moment.
+
+    ``reserved`` is the sum of the outstanding leases (token reservations and permits from
+    ``reserve``), ``outstanding`` their number, ``reclaimed`` the number of leases given back by
+    expiry since the budget was created.
+    """
+
+    capacity: int
+    rate: float
+    available: int
+    debt: int
+    consumed: int
+    reserved: int
+    outstanding: int
+    reclaimed: int
+
+    @property
+    def utilization(self) -> float:
+        """``(capacity - available) / capacity`` in ``[0, 1]``; ``0.0`` when capacity is 0."""
+        if self.capacity == 0:
+            return 0.0
+        return (self.capacity - self.available) / self.capacity
+
+
+class RedisReservation(TokenReservation):
+    """A token reservation on a :class:`RedisTokenBudget`: a lease with a fleet-wide id.
+
+    Dropping it armed refunds the estimate without blocking (on the event loop it was granted
+    on, or with the budget's next call); if that refund never reaches the server, the lease
+    returns the estimate when it expires. A process created by ``fork`` never refunds the
+    reservations it inherited.
+    """
+
+    __slots__ = ("_lease",)
+
+    _lease: Lease
+
+    def __new__(cls, lease: Lease) -> RedisReservation:
+        reservation = super().__new__(cls, lease.amount, lease)
+        reservation._lease = lease
+        return reservation
+
+    @property
+    def lease_id(self) -> str:
+        """The id under which the server holds this reservation."""
+        return self._lease.id
+
+
+class RedisPermit:
+    """Units leased from a :class:`RedisBudget` by ``reserve``: give them back with ``release``.
+
+    Usable with ``async with`` (and ``with`` when it came from ``reserve_blocking``). A permit that
+    is never released comes back when its lease expires; ``extend`` pushes that out.
+    """
+
+    __slots__ = ("_core", "_lease")
+
+    def __init__(self, core: Core, lease: Lease) -> None:
+        self._core = core
+        self._lease = lease
+
+    @property
+    def cost(self) -> int:
+        """The units this permit holds."""
+        return self._lease.amount
+
+    @property
+    def lease_id(self) -> str:
+        """The id under which the server holds this permit."""
+        return self._lease.id
+
+    @property
+    def released(self) -> bool:
+        """Whether ``release`` gave the units back."""
+        return self._lease.used
+
+    async def release(self) -> None:
+        """Give the units back, once; later calls do nothing. On ``BackendError``, retry."""
+        lease = self._lease
+        if lease.claim():
+            try:
+                await self._core.call("release", "unlease", lease.id, lease.amount)
+            except BaseException:
+                lease.unclaim()
+                raise
+
+    def release_sync(self) -> None:
+        """The blocking twin of :meth:`release`."""
+        lease = self._lease
+        if lease.claim():
+            try:
+                self._core.call_sync("release_sync", "unlease", lease.id, lease.amount)
+            except BaseException:
+                lease.unclaim()
+                raise
+
+    async def __aenter__(self) -> RedisPermit:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.release()
+
+    def __enter__(self) -> RedisPermit:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.release_sync()
+
+    def __repr__(self) -> str:
+        state = "released" if self.released else "held"
+        return f"<RedisPermit {self.cost} on {self._core.name!r}, {state}>"
+
+
+class _Request(Generic[_T]):
+    """What ``reserve`` / ``reserve_tokens`` return: awaitable, and an async context manager."""
+
+    __slots__ = ("_acquire", "_exit", "_held")
+
+    def __init__(
+        self,
+        acquire: Callable[[], Coroutine[Any, Any, _T]],
+        leave: Callable[[_T], Awaitable[None]],
+    ) -> None:
+        self._acquire = acquire
+        self._exit = leave
+        self._held: _T | None = None
+
+    def __await__(self) -> Generator[Any, None, _T]:
+        return self._acquire().__await__()
+
+    async def __aenter__(self) -> _T:
+        self._held = await self._acquire()
+        return self._held
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            await self._exit(held)
+
+
+class _RedisBase:
+    """What both Redis budgets have: configuration, refill, snapshot, extend and leases."""
+
+    _KIND = ""
+    _MAX_CAPACITY = MAX_AMOUNT
+
+    def __init__(
+        self,
+        name: str,
+        capacity: int,
+        *,
+        rate: float = 0.0,
+        lease: float = 120.0,
+        client: Any = None,
+        sync_client: Any = None,
+        reconfigure: bool = False,
+    ) -> None:
+        owner = type(self).__name__
+        capacity = amount(capacity, "capacity", self._MAX_CAPACITY)
+        fraction = rate_fraction(rate)
+        lease_seconds = seconds(lease, "lease")
+        if not lease_seconds:
+            raise ValueError(f"lease must be a number of seconds > 0, got {lease}")
+        self._core = Core(
+            owner, name, self._KIND, capacity, fraction, lease_seconds, client, sync_client,
+            bool(reconfigure),
+        )
+        self._lease_seconds = lease_seconds
+
+    @property
+    def name(self) -> str:
+        """The budget's name; its keys are ``{name}``, ``{name}:leases``, ... (one hash tag)."""
+        return self._core.name
+
+    @property
+    def capacity(self) -> int:
+        """The capacity this object was made with (``snapshot()`` gives the stored one)."""
+        return self._core.capacity
+
+    @property
+    def rate(self) -> float:
+        """Units per second that flow back, as this object stores it (a fraction p/q)."""
+        return float(self._core.rate)
+
+    @property
+    def lease(self) -> float:
+        """Seconds a lease lasts after its grant unless extended."""
+        return self._lease_seconds
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every key this budget touches (all in one cluster slot)."""
+        return self._core.keys
+
+    async def refill(self) -> None:
+        """Add ``capacity`` to the balance, capped at ``capacity`` (debt is paid first)."""
+        await self._core.call("refill", "refill")
+
+    def refill_sync(self) -> None:
+        """The blocking twin of :meth:`refill`."""
+        self._core.call_sync("refill_sync", "refill")
+
+    async def snapshot(self) -> Snapshot:
+        """The budget's state as the server holds it now."""
+        return _snapshot(await self._core.call("snapshot", "snap"))
+
+    def snapshot_sync(self) -> Snapshot:
+        """The blocking twin of :meth:`snapshot`."""
+        return _snapshot(self._core.call_sync("snapshot_sync", "snap"))
+
+    def _held_lease(self, held: object, method: str) -> Lease:
+        lease = getattr(held, "_lease", None)
+        if not isinstance(lease, Lease) or lease.name != self._core.name:
+            raise ValueError(f"{method}: {held!r} was not issued by the budget {self.name!r}")
+        return lease
+
+    def _extend_args(self, held: object, duration: object, method: str) -> tuple[str, int]:
+        extra = seconds(duration, "seconds")
+        lease = self._held_lease(held, method)
+        if lease.used:
+            raise ValueError(f"{method}: the lease {lease.id} was already settled")
+        return lease.id, round((extra or 0.0) * 1e6)
+
+    async def extend(self, held: RedisReservation | RedisPermit, seconds: float) -> bool:
+        """Make the lease of ``held`` expire ``seconds`` from now (server time).
+
+        ``False`` when the lease had already expired and was reclaimed: its amount is back in
+        the budget, and a later ``record_usage`` charges the actual usage once.
+        """
+        reply = await self._core.call("extend", "extend", *self._extend_args(held, seconds, "extend"))
+        return bool(reply[0] == 1)
+
+    def extend_sync(self, held: RedisReservation | RedisPermit, seconds: float) -> bool:
+        """The blocking twin of :meth:`extend`."""
+        args = self._extend_args(held, seconds, "extend_sync")
+        return bool(self._core.call_sync("extend_sync", "extend", *args)[0] == 1)
+
+    async def _try_lease(self, method: str, wanted: int, waiting: bool) -> Lease | Denied:
+        lease_id = new_id()
+        core = self._core
+        reply = await core.call(method, "lease", lease_id, wanted, core.lease_micros, waiting=waiting)
+        if reply[0] == 1:
+            return core.lease(lease_id, wanted, asyncio.get_running_loop())
+        return core.denied(reply, wanted)
+
+    def _try_lease_sync(self, method: str, wanted: int, waiting: bool) -> Lease | Denied:
+        lease_id = new_id()
+        core = self._core
+        reply = core.call_sync(method, "lease", lease_id, wanted, core.lease_micros, waiting=waiting)
+        if reply[0] == 1:
+            return core.lease(lease_id, wanted, None)
+        return core.denied(reply, wanted)
+
+    async def _acquire(self, method: str, wanted: int, timeout: float | None) -> Lease:
+        core = self._core
+        if wanted > MAX_AMOUNT:
+            raise ValueError(f"{wanted} is above every Redis budget's capacity: it can never fit")
+        if not core.queued():
+            verdict = await self._try_lease(method, wanted, False)
+            if isinstance(verdict, Lease):
+                return verdict
+            check_fits(verdict, wanted)
+            if timeout == 0:
+                raise TimeoutError(f"no room in {core.name!r} (timeout=0)")
+
+        async def attempt() -> Lease | Denied:
+            return await self._try_lease(method, wanted, True)
+
+        return await core.wait(attempt, wanted, timeout)
+
+    def _acquire_sync(self, method: str, wanted: int, timeout: float | None) -> Lease:
+        _refuse_on_a_loop(f"{type(self).__name__}.{method}")
+        core = self._core
+        if wanted > MAX_AMOUNT:
+            raise ValueError(f"{wanted} is above every Redis budget's capacity: it can never fit")
+        if not core.queued():
+            verdict = self._try_lease_sync(method, wanted, False)
+            if isinstance(verdict, Lease):
+                return verdict
+            check_fits(verdict, wanted)
+            if timeout == 0:
+                raise TimeoutError(f"no room in {core.name!r} (timeout=0)")
+        return core.wait_blocking(
+            lambda: self._try_lease_sync(method, wanted, True), wanted, timeout
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} {self.name!r} capacity={self.capacity} rate={self.rate:g} "
+            f"lease={self.lease:g}>"
+        )
+
+
+class RedisBudget(_RedisBase):
+    """A ``BudgetGuard`` of unit costs (rows, requests, slots) shared through Redis.
+
+    ``try_reserve`` / ``release`` are symmetric counters, as on ``AtomicBudget``. ``reserve``
+    waits for room and gives a :class:`RedisPermit`, a lease that comes back by itself if its
+    holder dies.
+    """
+
+    _KIND = "u"
+
+    async def try_reserve(self, cost: int) -> bool:
+        """Take ``cost`` if it fits and no waiter of this process is queued; else ``False``."""
+        cost = amount(cost, "cost")
+        core = self._core
+        if cost > MAX_AMOUNT or core.queued():
+            return False
+        return bool((await core.call("try_reserve", "take", cost))[0] == 1)
+
+    def try_reserve_sync(self, cost: int) -> bool:
+        """The blocking twin of :meth:`try_reserve`."""
+        cost = amount(cost, "cost")
+        core = self._core
+        if cost > MAX_AMOUNT or core.queued():
+            return False
+        return bool(core.call_sync("try_reserve_sync", "take", cost)[0] == 1)
+
+    async def release(self, cost: int) -> None:
+        """Give ``cost`` back; the balance never exceeds the capacity."""
+        cost = min(amount(cost, "cost"), MAX_AMOUNT)
+        await self._core.call("release", "give", cost)
+
+    def release_sync(self, cost: int) -> None:
+        """The blocking twin of :meth:`release`."""
+        cost = min(amount(cost, "cost"), MAX_AMOUNT)
+        self._core.call_sync("release_sync", "give", cost)
+
+    def reserve(self, cost: int, *, timeout: float | None = None) -> _Request[RedisPermit]:
+        """Wait until ``cost`` fits, then lease it: await it, or ``async with`` it."""
+        cost = amount(cost, "cost")
+        limit = seconds(timeout, "timeout", allow_none=True)
+
+        async def acquire() -> RedisPermit:
+            return RedisPermit(self._core, await self._acquire("reserve", cost, limit))
+
+        return _Request(acquire, RedisPermit.release)
+
+    def reserve_blocking(self, cost: int, *, timeout: float | None = None) -> RedisPermit:
+        """The same as :meth:`reserve` for threads: a permit usable with ``with``."""
+        cost = amount(cost, "cost")
+        limit = seconds(timeout, "timeout", allow_none=True)
+        return RedisPermit(self._core, self._acquire_sync("reserve_blocking", cost, limit))
+
+
+class RedisTokenBudget(_RedisBase):
+    """A ``TokenBudget`` with debt, shared through Redis; reservations are leases.
+
+    ``record_usage`` is idempotent: the server remembers a recorded reservation for
+    ``TOMBSTONE_SECONDS``, so a call retried after a ``BackendError`` (the reservation stays
+    armed) charges once. A ``record_usage`` that arrives after the lease was reclaimed charges
+    the actual usage once.
+    """
+
+    _KIND = "t"
+
+    async def try_reserve_tokens(self, estimate: int) -> RedisReservation | None:
+        """Lease ``estimate`` if ``available - debt >= estimate`` and nobody here waits."""
+        estimate = amount(estimate, "estimate")
+        if estimate > MAX_AMOUNT or self._core.queued():
+            return None
+        verdict = await self._try_lease("try_reserve_tokens", estimate, False)
+        return RedisReservation(verdict) if isinstance(verdict, Lease) else None
+
+    def try_reserve_tokens_sync(self, estimate: int) -> RedisReservation | None:
+        """The blocking twin of :meth:`try_reserve_tokens`."""
+        estimate = amount(estimate, "estimate")
+        if estimate > MAX_AMOUNT or self._core.queued():
+            return None
+        verdict = self._try_lease_sync("try_reserve_tokens_sync", estimate, False)
+        return RedisReservation(verdict) if isinstance(verdict, Lease) else None
+
+    def _settle_args(
+        self, reservation: object, prompt: object, completion: object, method: str
+    ) -> tuple[Lease, int]:
+        used = amount(prompt, "prompt") + amount(completion, "completion")
+        if not isinstance(reservation, TokenReservation):
+            raise TypeError(
+                f"reservation must be a TokenReservation, not {type(reservation).__name__}"
+            )
+        lease = self._held_lease(reservation, method)
+        if lease.used or not reservation.armed:
+            raise ValueError(f"{method}: the reservation was already reconciled or disarmed")
+        return lease, min(used, MAX_AMOUNT)
+
+    async def record_usage(self, reservation: TokenReservation, prompt: int, completion: int) -> None:
+        """Settle ``reservation`` at ``prompt + completion``: refund the rest or charge the overage.
+
+        On ``BackendError`` the reservation stays armed and the call can be retried safely.
+        """
+        lease, used = self._settle_args(reservation, prompt, completion, "record_usage")
+        await self._core.call("record_usage", "settle", lease.id, used, _TOMBSTONE_MICROS)
+        lease.claim()
+        reservation.disarm()
+
+    def record_usage_sync(self, reservation: TokenReservation, prompt: int, completion: int) -> None:
+        """The blocking twin of :meth:`record_usage`."""
+        lease, used = self._settle_args(reservation, prompt, completion, "record_usage_sync")
+        self._core.call_sync("record_usage_sync", "settle", lease.id, used, _TOMBSTONE_MICROS)
+        lease.claim()
+        reservation.disarm()
+
+    async def tokens_consumed(self) -> int:
+        """Prompt + completion tokens recorded since the budget was created."""
+        return (await self.snapshot()).consumed
+
+    def tokens_consumed_sync(self) -> int:
+        """The blocking twin of :meth:`tokens_consumed`."""
+        return self.snapshot_sync().consumed
+
+    def reserve_tokens(
+        self, estimate: int, *, timeout: float | None = None
+    ) -> _Request[RedisReservation]:
+        """Wait until ``estimate`` fits, then lease it: await it, or ``async with`` it."""
+        estimate = amount(estimate, "estimate")
+        limit = seconds(timeout, "timeout", allow_none=True)
+
+        async def acquire() -> RedisReservation:
+            return RedisReservation(await self._acquire("reserve_tokens", estimate, limit))
+
+        return _Request(acquire, self._refund_now)
+
+    def reserve_tokens_blocking(
+        self, estimate: int, *, timeout: float | None = None
+    ) -> RedisReservation:
+        """The same as :meth:`reserve_tokens` for threads (``with`` refunds an armed one)."""
+        estimate = amount(estimate, "estimate")
+        limit = seconds(timeout, "timeout", allow_none=True)
+        return RedisReservation(self._acquire_sync("reserve_tokens_blocking", estimate, limit))
+
+    async def _refund_now(self, reservation: RedisReservation) -> None:
+        """Leaving ``async with``: an armed reservation is refunded before the block ends."""
+        lease = reservation._lease
+        if reservation.disarm() is None or not lease.claim():
+            return
+        try:
+            await self._core.call("reserve_tokens", "unlease", lease.id, lease.amount)
+        except Exception:
+            self._core.pending.append((lease.id, lease.amount))  # sent with the next call
+
+
+def _snapshot(reply: list[Any]) -> Snapshot:
+    cap, rp, rq, bal, con, held, count, reclaimed = (int(x) for x in reply[1:9])
+    return Snapshot(
+        capacity=cap,
+        rate=float(Fraction(rp, rq)) if rp else 0.0,
+        available=max(bal, 0),
+        debt=max(-bal, 0),
+        consumed=con,
+        reserved=held,
+        outstanding=count,
+        reclaimed=reclaimed,
+    )
+

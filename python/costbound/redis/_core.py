@@ -1,0 +1,598 @@
+"""What both Redis budgets share: script calls, leases, refunds on drop, and waiting.
+
+Every operation is one EVALSHA of :mod:`costbound.redis._script` (EVAL when the server does not
+have it cached, which also caches it again). The client never computes a balance: it sends the
+operation and reads the verdict, so any number of processes share one budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import math
+import operator
+import os
+import threading
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from fractions import Fraction
+from typing import Any, Final, NoReturn, TypeVar
+
+from costbound._errors import BackendError
+from costbound._waiting import _Signal
+from costbound.redis._script import SCRIPT, SHA
+
+try:
+    from redis.exceptions import NoScriptError, RedisError
+except ImportError as error:  # pragma: no cover - the extra is missing
+    raise ImportError(
+        "costbound.redis needs redis-py: pip install 'costbound[redis]'"
+    ) from error
+
+_T = TypeVar("_T")
+
+#: Lua numbers are doubles; every amount a script sees stays at or below this, so it is exact.
+MAX_AMOUNT: Final = 2**53 - 1
+_U64: Final = 2**64 - 1
+#: The rate is stored as the fraction rp/rq units per second with rq * (rp + 1) below this, so
+#: that the script's refill never multiplies past 2**53.
+_RATE_LIMIT: Final = 2**33
+#: How long the server remembers a recorded reservation, to answer a retried ``record_usage``.
+TOMBSTONE_SECONDS: Final = 900.0
+#: A waiter that hears nothing (a lost message, a refill by the clock) looks again this often.
+POLL_SECONDS: Final = 0.5
+
+# Redis unreachable, timing out or failing a script; an interrupted connection may surface as
+# an OSError or asyncio's own TimeoutError (not the builtin on Python 3.10).
+_FAILURES = (RedisError, OSError, asyncio.TimeoutError)
+
+
+def amount(value: object, name: str, maximum: int = _U64) -> int:
+    """``value`` as an int in ``0..=maximum``; TypeError / ValueError naming ``name``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not bool")
+    try:
+        number = operator.index(value)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
+    if not 0 <= number <= maximum:
+        raise ValueError(f"{name} must be in 0..={maximum}, got {number}")
+    return number
+
+
+def seconds(value: object, name: str, *, allow_none: bool = False) -> float | None:
+    """A number of seconds ``>= 0`` (or ``None`` when allowed)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if not value >= 0 or math.isnan(value):
+        raise ValueError(f"{name} must be a number of seconds >= 0, got {value}")
+    return float(value)
+
+
+def rate_fraction(rate: object) -> Fraction:
+    """The stored form of ``rate``: a fraction p/q with q * (p + 1) < 2**33.
+
+    Every rate that is a ratio of small integers (``100 / 60``, ``2_000_000 / 60``) is kept
+    exactly; others are rounded to the nearest such fraction.
+    """
+    if isinstance(rate, bool) or not isinstance(rate, (int, float, Fraction)):
+        raise TypeError(f"rate must be a number of units per second, not {type(rate).__name__}")
+    if not math.isfinite(rate) or rate < 0:
+        raise ValueError(f"rate must be a finite number >= 0, got {rate}")
+    if rate >= _RATE_LIMIT - 1:
+        raise ValueError(f"rate must be below {_RATE_LIMIT - 1} units per second, got {rate}")
+    exact = Fraction(rate)
+    bound = _RATE_LIMIT // (math.ceil(exact) + 1)
+    while True:
+        near = exact.limit_denominator(max(bound, 1))
+        if near.denominator * (near.numerator + 1) < _RATE_LIMIT:
+            return near
+        bound //= 2
+
+
+class Lease:
+    """A leased amount on the server: the refund of a Redis reservation, and a permit's grant.
+
+    Called with an amount (the estimate when its reservation is dropped), it gives that much
+    back once, without blocking: on the event loop it was granted on, or with the budget's next
+    call. In a process forked after the grant it does nothing (the parent owns the lease).
+    """
+
+    __slots__ = ("__weakref__", "_budget", "_loop", "_pid", "_used", "amount", "id", "name")
+
+    def __init__(
+        self,
+        budget: Core,
+        lease_id: str,
+        leased: int,
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> None:
+        self._budget = weakref.ref(budget)
+        self.name = budget.name
+        self.id = lease_id
+        self.amount = leased
+        self._loop = loop
+        self._pid = os.getpid()
+        self._used = False
+
+    @property
+    def used(self) -> bool:
+        """Whether the lease was given back, recorded or handed to a refund."""
+        return self._used
+
+    def claim(self) -> bool:
+        """Mark the lease as settled; ``False`` if it already was."""
+        if self._used:
+            return False
+        self._used = True
+        return True
+
+    def unclaim(self) -> None:
+        """Undo :meth:`claim` after the call that settles the lease failed."""
+        self._used = False
+
+    def __call__(self, refund: int) -> None:
+        refund = amount(refund, "amount", self.amount)
+        if not self.claim() or os.getpid() != self._pid:
+            return
+        budget = self._budget()
+        if budget is not None:
+            budget.unlease_later(self.id, refund, self._loop)
+
+    def __repr__(self) -> str:
+        return f"<Lease {self.id} of {self.amount}{' (settled)' if self._used else ''}>"
+
+
+_PREFIX = ""
+_COUNTER = itertools.count()
+_LIVE: weakref.WeakSet[Core] = weakref.WeakSet()
+
+
+def _reseed() -> None:
+    """A fresh id prefix per process: a forked child must not repeat its parent's ids."""
+    global _PREFIX, _COUNTER  # noqa: PLW0603
+    _PREFIX = os.urandom(8).hex() + ":"
+    _COUNTER = itertools.count()
+    for core in list(_LIVE):
+        core.after_fork()
+
+
+_reseed()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reseed)
+
+
+def new_id() -> str:
+    """A lease id unique across the fleet: a random per-process prefix and a counter."""
+    return f"{_PREFIX}{next(_COUNTER):x}"
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Denied:
+    """A denial: when the rate will make the amount fit (seconds, or None), and the capacity."""
+
+    __slots__ = ("capacity", "wait")
+
+    def __init__(self, wait: float | None, capacity: int) -> None:
+        self.wait = wait
+        self.capacity = capacity
+
+
+class Core:
+    """One Redis budget as seen by this process: its keys, clients, configuration and waiters."""
+
+    def __init__(
+        self,
+        owner: str,
+        name: object,
+        kind: str,
+        capacity: int,
+        rate: Fraction,
+        lease: float,
+        client: Any,
+        sync_client: Any,
+        reconfigure: bool,
+    ) -> None:
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, not {type(name).__name__}")
+        if not name or "{" in name or "}" in name:
+            raise ValueError(f"name must be a non-empty str without braces, got {name!r}")
+        if client is None and sync_client is None:
+            raise TypeError(f"{owner} needs client= (asyncio) or sync_client= (blocking), or both")
+        self.owner = owner
+        self.name = name
+        tag = "{" + name + "}"
+        self.keys: Final = (tag, tag + ":leases", tag + ":held", tag + ":done")
+        self.channel: Final = tag + ":room"
+        self.capacity = capacity
+        self.rate = rate
+        self.lease_micros = round(lease * 1e6)
+        self.client = client
+        self.sync_client = sync_client
+        self.conf: tuple[str, ...] = (kind, str(capacity), str(rate.numerator), str(rate.denominator))
+        self.mode = 2 if reconfigure else 1
+        self.pending: collections.deque[tuple[str, int]] = collections.deque()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.queue: collections.deque[Callable[[], None]] = collections.deque()
+        self.lock = threading.Lock()
+        self.listeners: dict[object, _Listener] = {}
+        _LIVE.add(self)
+
+    def after_fork(self) -> None:
+        """In a forked child: forget the parent's refunds, tasks, waiters and subscriptions."""
+        self.pending.clear()
+        self.tasks = set()
+        self.queue.clear()
+        self.lock = threading.Lock()
+        self.listeners = {}
+
+    # -- one script call ----------------------------------------------------------------------
+
+    def _argv(self, op: str, args: tuple[object, ...], waiting: bool) -> tuple[list[object], list[object]]:
+        refunds: list[object] = []
+        while self.pending:
+            try:
+                lease_id, refund = self.pending.popleft()
+            except IndexError:
+                break
+            refunds += (lease_id, refund)
+        argv = [op, *self.conf, self.mode, 1 if waiting else 0, len(refunds) // 2, *refunds, *args]
+        return argv, refunds
+
+    def _failed(self, op: str, refunds: list[object], error: BaseException | None) -> None:
+        for i in range(0, len(refunds), 2):
+            self.pending.append((str(refunds[i]), int(refunds[i + 1])))  # type: ignore[call-overload]
+        if error is not None:
+            raise BackendError(f"{op} on {self.name!r}: {type(error).__name__}: {error}") from error
+
+    def _verdict(self, reply: Any) -> list[Any]:
+        if type(reply) is not list:
+            raise BackendError(f"unexpected reply from the budget script: {reply!r}")
+        if reply[0] == -1:
+            kind, cap, rp, rq = (_text(x) for x in reply[1:5])
+            mine = self.conf
+            raise ValueError(
+                f"budget {self.name!r} is stored as {_describe(kind, cap, rp, rq)}; this object "
+                f"has {_describe(*mine)}; pass reconfigure=True to store this object's values"
+            )
+        self.mode = 0
+        return reply
+
+    async def call(self, method: str, op: str, *args: object, waiting: bool = False) -> list[Any]:
+        """Run ``op`` on the server with the asyncio client."""
+        client = self.client
+        if client is None:
+            self.need("client", "an asyncio client (redis.asyncio.Redis)", method)
+        argv, refunds = self._argv(op, args, waiting)
+        try:
+            try:
+                reply = await client.evalsha(SHA, 4, *self.keys, *argv)
+            except NoScriptError:
+                reply = await client.eval(SCRIPT, 4, *self.keys, *argv)
+        except _FAILURES as error:
+            self._failed(op, refunds, error)
+        except BaseException:
+            self._failed(op, refunds, None)
+            raise
+        return self._verdict(reply)
+
+    def call_sync(self, method: str, op: str, *args: object, waiting: bool = False) -> list[Any]:
+        """Run ``op`` on the server with the blocking client."""
+        client = self.sync_client
+        if client is None:
+            self.need("sync_client", "a blocking client (redis.Redis)", method)
+        argv, refunds = self._argv(op, args, waiting)
+        try:
+            try:
+                reply = client.evalsha(SHA, 4, *self.keys, *argv)
+            except NoScriptError:
+                reply = client.eval(SCRIPT, 4, *self.keys, *argv)
+        except _FAILURES as error:
+            self._failed(op, refunds, error)
+        except BaseException:
+            self._failed(op, refunds, None)
+            raise
+        if type(reply) is not list and hasattr(reply, "__await__"):
+            reply.close()
+            self._failed(op, refunds, None)
+            raise TypeError(f"{self.owner}.{method} needs sync_client= to be a blocking client")
+        return self._verdict(reply)
+
+    def need(self, which: str, what: str, method: str) -> NoReturn:
+        """Raise the TypeError of a method whose kind of client was not given."""
+        raise TypeError(f"{self.owner}.{method} needs {which}= ({what}); none was given")
+
+    # -- reading replies ----------------------------------------------------------------------
+
+    def denied(self, reply: list[Any], wanted: int) -> Denied:
+        """Read a denial; a waiting call raises ValueError when ``wanted`` can never fit."""
+        capacity = int(reply[2]) if len(reply) > 2 else self.capacity
+        micros = int(reply[1])
+        return Denied(None if micros < 0 else max(micros, 0) / 1e6, capacity)
+
+    def lease(self, lease_id: str, leased: int, loop: asyncio.AbstractEventLoop | None) -> Lease:
+        """The lease the server just granted."""
+        return Lease(self, lease_id, leased, loop)
+
+    # -- refunds that must not block ----------------------------------------------------------
+
+    def unlease_later(self, lease_id: str, refund: int, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Give a lease back without blocking: on its loop if it runs, else with the next call."""
+        if loop is not None and self.client is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._spawn_unlease, lease_id, refund)
+                return
+        self.pending.append((lease_id, refund))
+
+    def _spawn_unlease(self, lease_id: str, refund: int) -> None:
+        task = asyncio.get_running_loop().create_task(self._unlease(lease_id, refund))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _unlease(self, lease_id: str, refund: int) -> None:
+        try:
+            await self.call("refund", "unlease", lease_id, refund)
+        except (Exception, asyncio.CancelledError):
+            # Sent with the next call instead (or, if there is none, the lease expires). The
+            # task ends quietly: nobody awaits it, and a refund must never raise into a drop.
+            self.pending.append((lease_id, refund))
+
+    # -- waiting ------------------------------------------------------------------------------
+
+    def queued(self) -> bool:
+        """Whether a waiter of this process is queued (``try_*`` then denies at once)."""
+        return bool(self.queue)
+
+    def _join(self, wake: Callable[[], None]) -> None:
+        with self.lock:
+            self.queue.append(wake)
+
+    def _leave(self, wake: Callable[[], None]) -> None:
+        with self.lock:
+            with contextlib.suppress(ValueError):
+                self.queue.remove(wake)
+            head = self.queue[0] if self.queue else None
+        if head is not None:
+            head()
+
+    def _is_head(self, wake: Callable[[], None]) -> bool:
+        queue = self.queue
+        return bool(queue) and queue[0] is wake
+
+    def wake_head(self) -> None:
+        """Room may have appeared (a message on the channel): the first waiter looks again."""
+        queue = self.queue
+        if queue:
+            with contextlib.suppress(IndexError):
+                queue[0]()
+
+    async def wait(
+        self,
+        attempt: Callable[[], Awaitable[Lease | Denied]],
+        wanted: int,
+        timeout: float | None,
+    ) -> Lease:
+        """Queue (first come, first served in this process) until ``attempt`` is granted."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        signal = _Signal(loop)
+        wake = signal.wake
+        self._join(wake)
+        listener = None if timeout == 0 else _Listener.join_async(self, loop)
+        try:
+            if listener is not None:
+                await listener.ready()
+            while True:
+                delay: float | None = None
+                if self._is_head(wake):
+                    verdict = await _shielded(loop, attempt)
+                    if isinstance(verdict, Lease):
+                        return verdict
+                    check_fits(verdict, wanted)
+                    delay = POLL_SECONDS if verdict.wait is None else min(verdict.wait, POLL_SECONDS)
+                if deadline is not None:
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        raise TimeoutError(
+                            f"no room in {self.name!r} within the timeout of {timeout} s"
+                        )
+                    delay = left if delay is None else min(delay, left)
+                await signal.sleep(delay)
+        finally:
+            self._leave(wake)
+            if listener is not None:
+                listener.leave()
+
+    def wait_blocking(
+        self,
+        attempt: Callable[[], Lease | Denied],
+        wanted: int,
+        timeout: float | None,
+    ) -> Lease:
+        """The same as :meth:`wait`, for a thread."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        event = threading.Event()
+        wake = event.set
+        self._join(wake)
+        listener = None if timeout == 0 else _Listener.join_thread(self)
+        try:
+            if listener is not None:
+                listener.ready_blocking()
+            while True:
+                delay: float | None = None
+                if self._is_head(wake):
+                    verdict = attempt()
+                    if isinstance(verdict, Lease):
+                        return verdict
+                    check_fits(verdict, wanted)
+                    delay = POLL_SECONDS if verdict.wait is None else min(verdict.wait, POLL_SECONDS)
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(
+                            f"no room in {self.name!r} within the timeout of {timeout} s"
+                        )
+                    delay = left if delay is None else min(delay, left)
+                event.wait(delay)
+                event.clear()
+        finally:
+            self._leave(wake)
+            if listener is not None:
+                listener.leave()
+
+
+def _describe(kind: str, cap: str, rp: str, rq: str) -> str:
+    what = "a unit budget" if kind == "u" else "a token budget"
+    rate = Fraction(int(rp), int(rq))
+    return f"{what} of capacity {cap} and rate {float(rate):g}/s"
+
+
+def check_fits(verdict: Denied, wanted: int) -> None:
+    """A waiting call's ValueError: ``wanted`` is above the stored capacity, it never fits."""
+    if wanted > verdict.capacity:
+        raise ValueError(
+            f"cost {wanted} is above the budget's capacity {verdict.capacity}: it can never fit"
+        )
+
+
+async def _shielded(
+    loop: asyncio.AbstractEventLoop, attempt: Callable[[], Awaitable[Lease | Denied]]
+) -> Lease | Denied:
+    """Run ``attempt`` so that a cancellation cannot lose a grant it raced: it is given back."""
+    task = loop.create_task(attempt())  # type: ignore[arg-type]
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(_give_back)
+        raise
+
+
+def _give_back(task: asyncio.Task[Lease | Denied]) -> None:
+    if task.cancelled() or task.exception() is not None:
+        return
+    verdict = task.result()
+    if isinstance(verdict, Lease):
+        verdict(verdict.amount)
+
+
+class _Listener:
+    """One subscription to a budget's channel, shared by the waiters of one loop or of threads.
+
+    Releases, refunds, settlements, refills and reclaims publish on the channel while someone
+    waits; the listener wakes the first waiter, which then tries again. It unsubscribes once no
+    waiter is left.
+    """
+
+    def __init__(self, core: Core, key: object) -> None:
+        self._core = core
+        self._key = key
+        self._users = 0
+        self._subscribed = threading.Event()
+        self._future: asyncio.Future[None] | None = None
+        self._stopped = False
+
+    @classmethod
+    def join_async(cls, core: Core, loop: asyncio.AbstractEventLoop) -> _Listener:
+        with core.lock:
+            listener = core.listeners.get(loop)
+            fresh = listener is None or listener._stopped
+            if listener is None or listener._stopped:
+                listener = cls(core, loop)
+                core.listeners[loop] = listener
+                listener._future = loop.create_future()
+            listener._users += 1
+        if fresh:
+            task = loop.create_task(listener._run_async())
+            core.tasks.add(task)
+            task.add_done_callback(core.tasks.discard)
+        return listener
+
+    @classmethod
+    def join_thread(cls, core: Core) -> _Listener:
+        with core.lock:
+            listener = core.listeners.get("thread")
+            if listener is None or listener._stopped:
+                listener = cls(core, "thread")
+                core.listeners["thread"] = listener
+                threading.Thread(target=listener._run_thread, daemon=True).start()
+            listener._users += 1
+        return listener
+
+    def leave(self) -> None:
+        with self._core.lock:
+            self._users -= 1
+
+    def _done(self) -> bool:
+        with self._core.lock:
+            if self._users <= 0:
+                self._stopped = True
+                if self._core.listeners.get(self._key) is self:
+                    del self._core.listeners[self._key]
+                return True
+            return False
+
+    def _ready(self) -> None:
+        self._subscribed.set()
+        if self._future is not None and not self._future.done():
+            self._future.set_result(None)
+
+    async def ready(self) -> None:
+        """Wait until subscribed (so that no message is missed), at most a poll interval."""
+        if self._future is None or self._future.done():
+            return
+        with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._future), POLL_SECONDS)
+
+    def ready_blocking(self) -> None:
+        self._subscribed.wait(POLL_SECONDS)
+
+    async def _run_async(self) -> None:
+        pubsub = None
+        try:
+            pubsub = self._core.client.pubsub()
+            await pubsub.subscribe(self._core.channel)
+            while not self._done():
+                message = await pubsub.get_message(timeout=0.2)
+                if message is None:
+                    continue
+                if message["type"] == "subscribe":
+                    self._ready()
+                elif message["type"] == "message":
+                    self._core.wake_head()
+        except _FAILURES:
+            # No messages then: the waiters poll (and see the failure themselves).
+            self._stopped = True
+        finally:
+            self._ready()
+            if pubsub is not None:
+                with contextlib.suppress(*_FAILURES):
+                    await pubsub.aclose()
+
+    def _run_thread(self) -> None:
+        pubsub = None
+        try:
+            pubsub = self._core.sync_client.pubsub()
+            pubsub.subscribe(self._core.channel)
+            while not self._done():
+                message = pubsub.get_message(timeout=0.2)
+                if message is None:
+                    continue
+                if message["type"] == "subscribe":
+                    self._ready()
+                elif message["type"] == "message":
+                    self._core.wake_head()
+        except _FAILURES:
+            self._stopped = True
+        finally:
+            self._ready()
+            if pubsub is not None:
+                with contextlib.suppress(*_FAILURES):
+                    pubsub.close()
