@@ -14,7 +14,7 @@ WHEELS := dist/wheels-$(notdir $(VENV))
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: demo test venv wheel lint-rust test-rust loom lint-python types test-python clean \
+.PHONY: demo test venv wheel redis-server lint-rust test-rust loom lint-python types test-python clean \
 	bench bench-smoke bench-env
 
 demo: wheel
@@ -56,8 +56,15 @@ types: wheel
 	$(BIN)/mypy --strict python/costbound tests/typing_checks.py
 	cd $(VENV) && bin/python -m mypy.stubtest costbound._native
 
-test-python: wheel
-	COSTBOUND_REQUIRE_WHEEL=1 $(PY) -m pytest
+# The Redis tests run against a real redis-server from Debian's packages; the test session starts
+# its own on a free loopback port with no persistence and stops it at the end.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+redis-server:
+	command -v redis-server >/dev/null || { $(SUDO) apt-get update && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends redis-server; }
+
+test-python: wheel redis-server
+	COSTBOUND_REQUIRE_WHEEL=1 COSTBOUND_REQUIRE_REDIS=1 $(PY) -m pytest
 
 # Benchmarks. The peers go into $(VENV); token-throttle needs Python 3.12, so when pyenv has one
 # it gets its own environment with its own costbound wheel, and compare.py measures it (with

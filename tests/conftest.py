@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import costbound
+import pytest
+import pytest_asyncio
 from hypothesis import HealthCheck, settings
+
+from redis_support import REQUIRED as REDIS_REQUIRED
+from redis_support import AtomicBackend, RedisBackend, RedisServer, find_redis_server
 
 # `make test` runs the suite against the release wheel installed in a fresh virtual environment,
 # never against the source tree; it sets COSTBOUND_REQUIRE_WHEEL so that a mix-up fails loudly.
@@ -33,3 +39,47 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile("long" if os.environ.get("COSTBOUND_LONG") else "ci")
+
+
+# --- A real redis-server for the Redis backend, and the backends the conformance suite runs on
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    executable = find_redis_server()
+    if executable is None:
+        if REDIS_REQUIRED:
+            pytest.fail("COSTBOUND_REQUIRE_REDIS is set but redis-server is not installed")
+        pytest.skip("redis-server is not installed (make test installs it)")
+    server = RedisServer(executable)
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    redis_server.start()  # a fault test may have stopped it
+    return redis_server.url
+
+
+@pytest_asyncio.fixture(params=["atomic", "redis"])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[AtomicBackend | RedisBackend]:
+    """Each conformance test runs once per backend (async tests)."""
+    if request.param == "atomic":
+        yield AtomicBackend()
+        return
+    chosen = RedisBackend(request.getfixturevalue("redis_url"))
+    yield chosen
+    await chosen.aclose()
+
+
+@pytest.fixture(params=["atomic", "redis"])
+def sync_backend(request: pytest.FixtureRequest) -> Iterator[AtomicBackend | RedisBackend]:
+    """Each conformance test runs once per backend (blocking tests: no asyncio client)."""
+    if request.param == "atomic":
+        yield AtomicBackend()
+        return
+    chosen = RedisBackend(request.getfixturevalue("redis_url"), use_async=False)
+    yield chosen
+    chosen.close_sync()

@@ -293,6 +293,19 @@ class _RedisBase:
         """The blocking twin of :meth:`snapshot`."""
         return _snapshot(self._core.call_sync("snapshot_sync", "snap"))
 
+    async def flush(self) -> None:
+        """Send the refunds of dropped reservations now, and wait for those under way.
+
+        They are otherwise sent in the background (on the event loop that granted them) or
+        with the budget's next call; call this before a worker exits so that its refunds need
+        not wait for their leases to expire.
+        """
+        await self._core.flush()
+
+    def flush_sync(self) -> None:
+        """Send the refunds of dropped reservations that wait for the next call, now."""
+        self._core.flush_sync()
+
     def _held_lease(self, held: object, method: str) -> Lease:
         lease = getattr(held, "_lease", None)
         if not isinstance(lease, Lease) or lease.name != self._core.name:

@@ -220,7 +220,8 @@ class Core:
         self.conf: tuple[str, ...] = (kind, str(capacity), str(rate.numerator), str(rate.denominator))
         self.mode = 2 if reconfigure else 1
         self.pending: collections.deque[tuple[str, int]] = collections.deque()
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks: set[asyncio.Task[None]] = set()  # refunds on their way
+        self.listening: set[asyncio.Task[None]] = set()  # subscriptions of waiting tasks
         self.queue: collections.deque[Callable[[], None]] = collections.deque()
         self.lock = threading.Lock()
         self.listeners: dict[object, _Listener] = {}
@@ -230,6 +231,7 @@ class Core:
         """In a forked child: forget the parent's refunds, tasks, waiters and subscriptions."""
         self.pending.clear()
         self.tasks = set()
+        self.listening = set()
         self.queue.clear()
         self.lock = threading.Lock()
         self.listeners = {}
@@ -344,6 +346,21 @@ class Core:
             # Sent with the next call instead (or, if there is none, the lease expires). The
             # task ends quietly: nobody awaits it, and a refund must never raise into a drop.
             self.pending.append((lease_id, refund))
+
+    async def flush(self) -> None:
+        """Wait for the refunds scheduled on this loop, and send those still pending."""
+        await asyncio.sleep(0)  # refunds handed over from other threads start their tasks
+        loop = asyncio.get_running_loop()
+        mine = [task for task in self.tasks if task.get_loop() is loop]
+        if mine:
+            await asyncio.gather(*mine)
+        if self.pending:
+            await self.call("flush", "snap")
+
+    def flush_sync(self) -> None:
+        """Send the pending refunds now."""
+        if self.pending:
+            self.call_sync("flush_sync", "snap")
 
     # -- waiting ------------------------------------------------------------------------------
 
@@ -511,8 +528,8 @@ class _Listener:
             listener._users += 1
         if fresh:
             task = loop.create_task(listener._run_async())
-            core.tasks.add(task)
-            task.add_done_callback(core.tasks.discard)
+            core.listening.add(task)
+            task.add_done_callback(core.listening.discard)
         return listener
 
     @classmethod
