@@ -10,7 +10,6 @@ import costbound
 import pytest
 import pytest_asyncio
 from hypothesis import HealthCheck, settings
-
 from redis_support import REQUIRED as REDIS_REQUIRED
 from redis_support import AtomicBackend, RedisBackend, RedisServer, find_redis_server
 

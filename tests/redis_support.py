@@ -8,7 +8,6 @@ the run instead of skipping the Redis half of the suite.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
@@ -48,15 +47,21 @@ class RedisServer:
     def start(self, *extra: str) -> None:
         if self.process is not None:
             return
-        self.process = subprocess.Popen(  # noqa: S603 - a fixed executable and arguments
+        self.process = subprocess.Popen(
             [
                 self.executable,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", str(self.dir),
-                "--logfile", str(self.dir / "redis.log"),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.dir),
+                "--logfile",
+                str(self.dir / "redis.log"),
                 *extra,
             ],
             stdout=subprocess.DEVNULL,
@@ -64,9 +69,10 @@ class RedisServer:
         )
         deadline = time.monotonic() + 10
         while True:
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.port), timeout=0.2
-            ) as sock:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock,
+            ):
                 sock.sendall(b"PING\r\n")
                 if sock.recv(16).startswith(b"+PONG"):
                     return
@@ -110,6 +116,7 @@ class State:
     available: int
     debt: int
     consumed: int
+    utilization: float
 
     @property
     def balance(self) -> int:
@@ -134,7 +141,12 @@ class AtomicBackend:
     def state_sync(self, budget: Any) -> State:
         debt = getattr(budget, "debt", 0)
         consumed = getattr(budget, "consumed", 0)
-        return State(budget.capacity, budget.available, debt, consumed)
+        utilization = getattr(budget, "utilization", None)
+        if utilization is None:  # the token budget has none; the Redis snapshot computes it so
+            utilization = (
+                (budget.capacity - budget.available) / budget.capacity if budget.capacity else 0.0
+            )
+        return State(budget.capacity, budget.available, debt, consumed, utilization)
 
     async def state(self, budget: Any) -> State:
         return self.state_sync(budget)
@@ -187,12 +199,10 @@ class RedisBackend:
         return RedisTokenBudget(options.pop("name", None) or unique("tokens"), capacity, **options)
 
     def state_sync(self, budget: Any) -> State:
-        snap = budget.snapshot_sync()
-        return State(snap.capacity, snap.available, snap.debt, snap.consumed)
+        return _state(budget.snapshot_sync())
 
     async def state(self, budget: Any) -> State:
-        snap = await budget.snapshot()
-        return State(snap.capacity, snap.available, snap.debt, snap.consumed)
+        return _state(await budget.snapshot())
 
     async def settle(self, budget: Any) -> None:
         await budget.flush()
@@ -215,5 +225,5 @@ class RedisBackend:
         self.sync_client.close()
 
 
-def run(coroutine: Any) -> Any:
-    return asyncio.run(coroutine)
+def _state(snap: Any) -> State:
+    return State(snap.capacity, snap.available, snap.debt, snap.consumed, snap.utilization)

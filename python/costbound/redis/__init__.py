@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass
 from fractions import Fraction
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from costbound._admit import _refuse_on_a_loop
 from costbound._reservation import TokenReservation
@@ -106,7 +106,8 @@ class RedisReservation(TokenReservation):
     _lease: Lease
 
     def __new__(cls, lease: Lease) -> RedisReservation:
-        reservation = super().__new__(cls, lease.amount, lease)
+        """Wrap a lease the server granted (budgets make these; users never need to)."""
+        reservation = cast("RedisReservation", super().__new__(cls, lease.amount, lease))
         reservation._lease = lease
         return reservation
 
@@ -155,7 +156,7 @@ class RedisPermit:
                 raise
 
     def release_sync(self) -> None:
-        """The blocking twin of :meth:`release`."""
+        """Do what :meth:`release` does, with the blocking client."""
         lease = self._lease
         if lease.claim():
             try:
@@ -236,8 +237,8 @@ class _RedisBase:
         *,
         rate: float = 0.0,
         lease: float = 120.0,
-        client: Any = None,
-        sync_client: Any = None,
+        client: object = None,
+        sync_client: object = None,
         reconfigure: bool = False,
     ) -> None:
         owner = type(self).__name__
@@ -247,8 +248,15 @@ class _RedisBase:
         if not lease_seconds:
             raise ValueError(f"lease must be a number of seconds > 0, got {lease}")
         self._core = Core(
-            owner, name, self._KIND, capacity, fraction, lease_seconds, client, sync_client,
-            bool(reconfigure),
+            owner,
+            name=name,
+            kind=self._KIND,
+            capacity=capacity,
+            rate=fraction,
+            lease=lease_seconds,
+            client=client,
+            sync_client=sync_client,
+            reconfigure=bool(reconfigure),
         )
         self._lease_seconds = lease_seconds
 
@@ -282,15 +290,15 @@ class _RedisBase:
         await self._core.call("refill", "refill")
 
     def refill_sync(self) -> None:
-        """The blocking twin of :meth:`refill`."""
+        """Do what :meth:`refill` does, with the blocking client."""
         self._core.call_sync("refill_sync", "refill")
 
     async def snapshot(self) -> Snapshot:
-        """The budget's state as the server holds it now."""
+        """Read the budget's state as the server holds it now."""
         return _snapshot(await self._core.call("snapshot", "snap"))
 
     def snapshot_sync(self) -> Snapshot:
-        """The blocking twin of :meth:`snapshot`."""
+        """Do what :meth:`snapshot` does, with the blocking client."""
         return _snapshot(self._core.call_sync("snapshot_sync", "snap"))
 
     async def flush(self) -> None:
@@ -325,18 +333,22 @@ class _RedisBase:
         ``False`` when the lease had already expired and was reclaimed: its amount is back in
         the budget, and a later ``record_usage`` charges the actual usage once.
         """
-        reply = await self._core.call("extend", "extend", *self._extend_args(held, seconds, "extend"))
+        reply = await self._core.call(
+            "extend", "extend", *self._extend_args(held, seconds, "extend")
+        )
         return bool(reply[0] == 1)
 
     def extend_sync(self, held: RedisReservation | RedisPermit, seconds: float) -> bool:
-        """The blocking twin of :meth:`extend`."""
+        """Do what :meth:`extend` does, with the blocking client."""
         args = self._extend_args(held, seconds, "extend_sync")
         return bool(self._core.call_sync("extend_sync", "extend", *args)[0] == 1)
 
     async def _try_lease(self, method: str, wanted: int, waiting: bool) -> Lease | Denied:
         lease_id = new_id()
         core = self._core
-        reply = await core.call(method, "lease", lease_id, wanted, core.lease_micros, waiting=waiting)
+        reply = await core.call(
+            method, "lease", lease_id, wanted, core.lease_micros, waiting=waiting
+        )
         if reply[0] == 1:
             return core.lease(lease_id, wanted, asyncio.get_running_loop())
         return core.denied(reply, wanted)
@@ -344,7 +356,9 @@ class _RedisBase:
     def _try_lease_sync(self, method: str, wanted: int, waiting: bool) -> Lease | Denied:
         lease_id = new_id()
         core = self._core
-        reply = core.call_sync(method, "lease", lease_id, wanted, core.lease_micros, waiting=waiting)
+        reply = core.call_sync(
+            method, "lease", lease_id, wanted, core.lease_micros, waiting=waiting
+        )
         if reply[0] == 1:
             return core.lease(lease_id, wanted, None)
         return core.denied(reply, wanted)
@@ -408,7 +422,7 @@ class RedisBudget(_RedisBase):
         return bool((await core.call("try_reserve", "take", cost))[0] == 1)
 
     def try_reserve_sync(self, cost: int) -> bool:
-        """The blocking twin of :meth:`try_reserve`."""
+        """Do what :meth:`try_reserve` does, with the blocking client."""
         cost = amount(cost, "cost")
         core = self._core
         if cost > MAX_AMOUNT or core.queued():
@@ -421,7 +435,7 @@ class RedisBudget(_RedisBase):
         await self._core.call("release", "give", cost)
 
     def release_sync(self, cost: int) -> None:
-        """The blocking twin of :meth:`release`."""
+        """Do what :meth:`release` does, with the blocking client."""
         cost = min(amount(cost, "cost"), MAX_AMOUNT)
         self._core.call_sync("release_sync", "give", cost)
 
@@ -436,7 +450,7 @@ class RedisBudget(_RedisBase):
         return _Request(acquire, RedisPermit.release)
 
     def reserve_blocking(self, cost: int, *, timeout: float | None = None) -> RedisPermit:
-        """The same as :meth:`reserve` for threads: a permit usable with ``with``."""
+        """Wait as :meth:`reserve` does, on a thread: a permit usable with ``with``."""
         cost = amount(cost, "cost")
         limit = seconds(timeout, "timeout", allow_none=True)
         return RedisPermit(self._core, self._acquire_sync("reserve_blocking", cost, limit))
@@ -462,7 +476,7 @@ class RedisTokenBudget(_RedisBase):
         return RedisReservation(verdict) if isinstance(verdict, Lease) else None
 
     def try_reserve_tokens_sync(self, estimate: int) -> RedisReservation | None:
-        """The blocking twin of :meth:`try_reserve_tokens`."""
+        """Do what :meth:`try_reserve_tokens` does, with the blocking client."""
         estimate = amount(estimate, "estimate")
         if estimate > MAX_AMOUNT or self._core.queued():
             return None
@@ -482,7 +496,9 @@ class RedisTokenBudget(_RedisBase):
             raise ValueError(f"{method}: the reservation was already reconciled or disarmed")
         return lease, min(used, MAX_AMOUNT)
 
-    async def record_usage(self, reservation: TokenReservation, prompt: int, completion: int) -> None:
+    async def record_usage(
+        self, reservation: TokenReservation, prompt: int, completion: int
+    ) -> None:
         """Settle ``reservation`` at ``prompt + completion``: refund the rest or charge the overage.
 
         On ``BackendError`` the reservation stays armed and the call can be retried safely.
@@ -492,8 +508,10 @@ class RedisTokenBudget(_RedisBase):
         lease.claim()
         reservation.disarm()
 
-    def record_usage_sync(self, reservation: TokenReservation, prompt: int, completion: int) -> None:
-        """The blocking twin of :meth:`record_usage`."""
+    def record_usage_sync(
+        self, reservation: TokenReservation, prompt: int, completion: int
+    ) -> None:
+        """Do what :meth:`record_usage` does, with the blocking client."""
         lease, used = self._settle_args(reservation, prompt, completion, "record_usage_sync")
         self._core.call_sync("record_usage_sync", "settle", lease.id, used, _TOMBSTONE_MICROS)
         lease.claim()
@@ -504,7 +522,7 @@ class RedisTokenBudget(_RedisBase):
         return (await self.snapshot()).consumed
 
     def tokens_consumed_sync(self) -> int:
-        """The blocking twin of :meth:`tokens_consumed`."""
+        """Do what :meth:`tokens_consumed` does, with the blocking client."""
         return self.snapshot_sync().consumed
 
     def reserve_tokens(
@@ -522,7 +540,7 @@ class RedisTokenBudget(_RedisBase):
     def reserve_tokens_blocking(
         self, estimate: int, *, timeout: float | None = None
     ) -> RedisReservation:
-        """The same as :meth:`reserve_tokens` for threads (``with`` refunds an armed one)."""
+        """Wait as :meth:`reserve_tokens` does, on a thread (``with`` refunds an armed one)."""
         estimate = amount(estimate, "estimate")
         limit = seconds(timeout, "timeout", allow_none=True)
         return RedisReservation(self._acquire_sync("reserve_tokens_blocking", estimate, limit))
@@ -550,4 +568,3 @@ def _snapshot(reply: list[Any]) -> Snapshot:
         outstanding=count,
         reclaimed=reclaimed,
     )
-

@@ -17,7 +17,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from fractions import Fraction
 from typing import Any, Final, NoReturn, TypeVar
 
@@ -28,9 +28,7 @@ from costbound.redis._script import SCRIPT, SHA
 try:
     from redis.exceptions import NoScriptError, RedisError
 except ImportError as error:  # pragma: no cover - the extra is missing
-    raise ImportError(
-        "costbound.redis needs redis-py: pip install 'costbound[redis]'"
-    ) from error
+    raise ImportError("costbound.redis needs redis-py: pip install 'costbound[redis]'") from error
 
 _T = TypeVar("_T")
 
@@ -55,7 +53,7 @@ def amount(value: object, name: str, maximum: int = _U64) -> int:
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int, not bool")
     try:
-        number = operator.index(value)  # type: ignore[call-overload]
+        number = operator.index(value)  # type: ignore[arg-type]
     except TypeError:
         raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
     if not 0 <= number <= maximum:
@@ -64,7 +62,7 @@ def amount(value: object, name: str, maximum: int = _U64) -> int:
 
 
 def seconds(value: object, name: str, *, allow_none: bool = False) -> float | None:
-    """A number of seconds ``>= 0`` (or ``None`` when allowed)."""
+    """Check a number of seconds ``>= 0`` (or ``None`` when allowed) and return it."""
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -75,7 +73,7 @@ def seconds(value: object, name: str, *, allow_none: bool = False) -> float | No
 
 
 def rate_fraction(rate: object) -> Fraction:
-    """The stored form of ``rate``: a fraction p/q with q * (p + 1) < 2**33.
+    """Give the stored form of ``rate``: a fraction p/q with q * (p + 1) < 2**33.
 
     Every rate that is a ratio of small integers (``100 / 60``, ``2_000_000 / 60``) is kept
     exactly; others are rounded to the nearest such fraction.
@@ -154,7 +152,7 @@ _LIVE: weakref.WeakSet[Core] = weakref.WeakSet()
 
 
 def _reseed() -> None:
-    """A fresh id prefix per process: a forked child must not repeat its parent's ids."""
+    """Draw a fresh id prefix per process: a forked child must not repeat its parent's ids."""
     global _PREFIX, _COUNTER  # noqa: PLW0603
     _PREFIX = os.urandom(8).hex() + ":"
     _COUNTER = itertools.count()
@@ -168,7 +166,7 @@ if hasattr(os, "register_at_fork"):
 
 
 def new_id() -> str:
-    """A lease id unique across the fleet: a random per-process prefix and a counter."""
+    """Make a lease id unique across the fleet: a random per-process prefix and a counter."""
     return f"{_PREFIX}{next(_COUNTER):x}"
 
 
@@ -192,13 +190,14 @@ class Core:
     def __init__(
         self,
         owner: str,
+        *,
         name: object,
         kind: str,
         capacity: int,
         rate: Fraction,
         lease: float,
-        client: Any,
-        sync_client: Any,
+        client: object,
+        sync_client: object,
         reconfigure: bool,
     ) -> None:
         if not isinstance(name, str):
@@ -215,9 +214,14 @@ class Core:
         self.capacity = capacity
         self.rate = rate
         self.lease_micros = round(lease * 1e6)
-        self.client = client
-        self.sync_client = sync_client
-        self.conf: tuple[str, ...] = (kind, str(capacity), str(rate.numerator), str(rate.denominator))
+        self.client: Any = client
+        self.sync_client: Any = sync_client
+        self.conf: tuple[str, ...] = (
+            kind,
+            str(capacity),
+            str(rate.numerator),
+            str(rate.denominator),
+        )
         self.mode = 2 if reconfigure else 1
         self.pending: collections.deque[tuple[str, int]] = collections.deque()
         self.tasks: set[asyncio.Task[None]] = set()  # refunds on their way
@@ -238,7 +242,9 @@ class Core:
 
     # -- one script call ----------------------------------------------------------------------
 
-    def _argv(self, op: str, args: tuple[object, ...], waiting: bool) -> tuple[list[object], list[object]]:
+    def _argv(
+        self, op: str, args: tuple[object, ...], waiting: bool
+    ) -> tuple[list[object], list[object]]:
         refunds: list[object] = []
         while self.pending:
             try:
@@ -255,7 +261,7 @@ class Core:
         if error is not None:
             raise BackendError(f"{op} on {self.name!r}: {type(error).__name__}: {error}") from error
 
-    def _verdict(self, reply: Any) -> list[Any]:
+    def _verdict(self, reply: object) -> list[Any]:
         if type(reply) is not list:
             raise BackendError(f"unexpected reply from the budget script: {reply!r}")
         if reply[0] == -1:
@@ -321,12 +327,14 @@ class Core:
         return Denied(None if micros < 0 else max(micros, 0) / 1e6, capacity)
 
     def lease(self, lease_id: str, leased: int, loop: asyncio.AbstractEventLoop | None) -> Lease:
-        """The lease the server just granted."""
+        """Wrap the lease the server just granted."""
         return Lease(self, lease_id, leased, loop)
 
     # -- refunds that must not block ----------------------------------------------------------
 
-    def unlease_later(self, lease_id: str, refund: int, loop: asyncio.AbstractEventLoop | None) -> None:
+    def unlease_later(
+        self, lease_id: str, refund: int, loop: asyncio.AbstractEventLoop | None
+    ) -> None:
         """Give a lease back without blocking: on its loop if it runs, else with the next call."""
         if loop is not None and self.client is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
@@ -393,7 +401,7 @@ class Core:
 
     async def wait(
         self,
-        attempt: Callable[[], Awaitable[Lease | Denied]],
+        attempt: Callable[[], Coroutine[Any, Any, Lease | Denied]],
         wanted: int,
         timeout: float | None,
     ) -> Lease:
@@ -414,7 +422,9 @@ class Core:
                     if isinstance(verdict, Lease):
                         return verdict
                     check_fits(verdict, wanted)
-                    delay = POLL_SECONDS if verdict.wait is None else min(verdict.wait, POLL_SECONDS)
+                    delay = (
+                        POLL_SECONDS if verdict.wait is None else min(verdict.wait, POLL_SECONDS)
+                    )
                 if deadline is not None:
                     left = deadline - loop.time()
                     if left <= 0:
@@ -434,7 +444,7 @@ class Core:
         wanted: int,
         timeout: float | None,
     ) -> Lease:
-        """The same as :meth:`wait`, for a thread."""
+        """Wait as :meth:`wait` does, on a thread."""
         deadline = None if timeout is None else time.monotonic() + timeout
         event = threading.Event()
         wake = event.set
@@ -450,7 +460,9 @@ class Core:
                     if isinstance(verdict, Lease):
                         return verdict
                     check_fits(verdict, wanted)
-                    delay = POLL_SECONDS if verdict.wait is None else min(verdict.wait, POLL_SECONDS)
+                    delay = (
+                        POLL_SECONDS if verdict.wait is None else min(verdict.wait, POLL_SECONDS)
+                    )
                 if deadline is not None:
                     left = deadline - time.monotonic()
                     if left <= 0:
@@ -473,7 +485,7 @@ def _describe(kind: str, cap: str, rp: str, rq: str) -> str:
 
 
 def check_fits(verdict: Denied, wanted: int) -> None:
-    """A waiting call's ValueError: ``wanted`` is above the stored capacity, it never fits."""
+    """Raise a waiting call's ValueError when ``wanted`` is above the stored capacity."""
     if wanted > verdict.capacity:
         raise ValueError(
             f"cost {wanted} is above the budget's capacity {verdict.capacity}: it can never fit"
@@ -481,10 +493,10 @@ def check_fits(verdict: Denied, wanted: int) -> None:
 
 
 async def _shielded(
-    loop: asyncio.AbstractEventLoop, attempt: Callable[[], Awaitable[Lease | Denied]]
+    loop: asyncio.AbstractEventLoop, attempt: Callable[[], Coroutine[Any, Any, Lease | Denied]]
 ) -> Lease | Denied:
     """Run ``attempt`` so that a cancellation cannot lose a grant it raced: it is given back."""
-    task = loop.create_task(attempt())  # type: ignore[arg-type]
+    task = loop.create_task(attempt())
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
