@@ -163,6 +163,14 @@ class AtomicBackend:
     async def refill(self, budget: Any) -> None:
         budget.refill()
 
+    def queued(self, budget: Any) -> int:
+        """How many requests of this process wait in the budget's queue."""
+        return int(budget.waiters)
+
+    async def release(self, permit: Any) -> None:
+        """Give a permit back (the atomic one's ``release()`` is synchronous)."""
+        permit.release()
+
     async def aclose(self) -> None:
         """Nothing to close."""
 
@@ -215,6 +223,14 @@ class RedisBackend:
 
     async def refill(self, budget: Any) -> None:
         await budget.refill()
+
+    def queued(self, budget: Any) -> int:
+        """How many requests of this process wait in the budget object's queue."""
+        return len(budget._core.queue)
+
+    async def release(self, permit: Any) -> None:
+        """Give a permit back (a network call on Redis)."""
+        await permit.release()
 
     async def aclose(self) -> None:
         if self.client is not None:

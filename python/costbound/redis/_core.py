@@ -596,13 +596,13 @@ class _Listener:
                     self._ready()
                 elif message["type"] == "message":
                     self._core.wake_head()
-        except _FAILURES:
-            # No messages then: the waiters poll (and see the failure themselves).
+        except Exception:
+            # No messages then: the waiters poll (and see a failure of the server themselves).
             self._stopped = True
         finally:
             self._ready()
             if pubsub is not None:
-                with contextlib.suppress(*_FAILURES):
+                with contextlib.suppress(Exception):
                     await pubsub.aclose()
 
     def _run_thread(self) -> None:
@@ -618,10 +618,10 @@ class _Listener:
                     self._ready()
                 elif message["type"] == "message":
                     self._core.wake_head()
-        except _FAILURES:
+        except Exception:
             self._stopped = True
         finally:
             self._ready()
             if pubsub is not None:
-                with contextlib.suppress(*_FAILURES):
+                with contextlib.suppress(Exception):
                     pubsub.close()
