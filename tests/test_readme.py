@@ -16,5 +16,9 @@ def test_readme_has_examples() -> None:
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_example_runs(index: int) -> None:
+def test_readme_example_runs(
+    index: int, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if "REDIS_URL" in BLOCKS[index]:  # the Redis examples run against the test server
+        monkeypatch.setenv("REDIS_URL", request.getfixturevalue("redis_url"))
     exec(compile(BLOCKS[index], f"README.md[python block {index}]", "exec"), {"__name__": "readme"})

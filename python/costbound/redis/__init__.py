@@ -142,28 +142,47 @@ class RedisPermit:
 
     @property
     def released(self) -> bool:
-        """Whether ``release`` gave the units back."""
+        """Whether ``release`` gave the units back (or ``spend`` used them up)."""
         return self._lease.used
+
+    async def _end(self, method: str, refund: int) -> None:
+        lease = self._lease
+        if lease.claim():
+            try:
+                await self._core.call(method, "unlease", lease.id, refund)
+            except BaseException:
+                lease.unclaim()  # not settled: the caller may retry
+                raise
+
+    def _end_sync(self, method: str, refund: int) -> None:
+        lease = self._lease
+        if lease.claim():
+            try:
+                self._core.call_sync(method, "unlease", lease.id, refund)
+            except BaseException:
+                lease.unclaim()
+                raise
 
     async def release(self) -> None:
         """Give the units back, once; later calls do nothing. On ``BackendError``, retry."""
-        lease = self._lease
-        if lease.claim():
-            try:
-                await self._core.call("release", "unlease", lease.id, lease.amount)
-            except BaseException:
-                lease.unclaim()
-                raise
+        await self._end("release", self._lease.amount)
 
     def release_sync(self) -> None:
         """Do what :meth:`release` does, with the blocking client."""
-        lease = self._lease
-        if lease.claim():
-            try:
-                self._core.call_sync("release_sync", "unlease", lease.id, lease.amount)
-            except BaseException:
-                lease.unclaim()
-                raise
+        self._end_sync("release_sync", self._lease.amount)
+
+    async def spend(self) -> None:
+        """End the lease without giving the units back: they were used up.
+
+        For a budget that limits a rate (requests per minute), a request spends its unit:
+        it comes back only by ``rate`` or ``refill``, not when the lease ends. Afterwards the
+        permit counts as released and ``release`` does nothing.
+        """
+        await self._end("spend", 0)
+
+    def spend_sync(self) -> None:
+        """Do what :meth:`spend` does, with the blocking client."""
+        self._end_sync("spend_sync", 0)
 
     async def __aenter__(self) -> RedisPermit:
         return self
