@@ -62,3 +62,25 @@ async def waiting() -> int:
     with admit_blocking(tokens={llm: 1}) as sync_ticket:
         assert not sync_ticket.closed
     return rows.waiters + llm.waiters
+
+
+async def fleet() -> int:
+    import redis
+    import redis.asyncio
+
+    from costbound.redis import RedisBudget, RedisPermit, RedisReservation, RedisTokenBudget
+
+    aclient = redis.asyncio.Redis.from_url("redis://127.0.0.1:6379/0")
+    sclient = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+    rows: BudgetGuard = RedisBudget("acme:rows", 10_000, client=aclient, sync_client=sclient)
+    llm = RedisTokenBudget("acme:tokens", 2_000_000, rate=2_000_000 / 60, client=aclient)
+    tokens: TokenBudget = llm
+    permit: RedisPermit = await RedisBudget("acme:rpm", 500, client=aclient).reserve(1)
+    await permit.spend()
+    reservation: RedisReservation = await llm.reserve_tokens(800, timeout=5.0)
+    extended: bool = await llm.extend(reservation, 60.0)
+    assert extended
+    await llm.record_usage(reservation, 100, 200)
+    async with admit(guards={rows: 1}, tokens={tokens: 800}, timeout=5.0) as ticket:
+        assert ticket.reservations[tokens].armed
+    return (await llm.snapshot()).consumed + await gate(rows, tokens)
