@@ -1,7 +1,7 @@
 """costbound side by side with the interpreter's floors, a Lock-guarded counter and its peers.
 
     python benches/compare.py [--smoke] [--rounds R] [--ops N] [--json PATH] [--png PATH]
-                              [--py312 PATH] [--check]
+                              [--py312 PATH] [--check] [--redis URL|none] [--only redis]
 
 How every row is measured (one process, one harness, the same rounds for every row):
 
@@ -18,7 +18,7 @@ How every row is measured (one process, one harness, the same rounds for every r
 - Async rows run on one event loop, made once and reused for the whole run; their timing starts
   and stops inside the loop.
 - Every peer is given limits so large that it never denies or waits during the run: this
-  measures the granted path, and a check after the warm-up and after the last round says so.
+  measures the granted path, and a check after the warm-up and after every round says so.
   The waiting calls (``reserve``, ``reserve_blocking``, ``reserve_tokens``) are measured the same
   way, when they need not wait; the same checks show every budget back to balance.
 - The hand-over rows are the exception: they measure the wait itself. Two sides pass one unit
@@ -27,6 +27,15 @@ How every row is measured (one process, one harness, the same rounds for every r
 - token-throttle needs Python >= 3.12. On an older interpreter its rows, and costbound's token
   rows beside them, are measured by a child process of a 3.12+ interpreter (``--py312 PATH``, or
   found with pyenv) that runs this same file and harness; its rows are marked ``[3.12 child]``.
+- Redis rows (costbound.redis) run against ``--redis URL``, else ``$COSTBOUND_BENCH_REDIS``, else
+  a redis-server of the run's own (a free loopback port, ``--save '' --appendonly no``, stopped
+  at the end) when one is on PATH; with none of them they are skipped, with a note. Each is set
+  beside a PING on the same client (sync ``redis.Redis``, asyncio ``redis.asyncio.Redis``): one
+  op is one iteration of its loop, as everywhere, so a pair is compared with 2 PINGs. The
+  budgets are so large (2**53 - 1) that nothing is denied, and their leases (1 h) never expire
+  during a run; after the warm-up and every round, a snapshot of each budget must balance
+  (consumed = 60 per recorded pair, nothing outstanding but what the row keeps, no debt, nothing
+  reclaimed). Their keys are deleted at the end. ``--only redis`` runs these rows alone.
 
 Prints the rows, the scaling series and the ratios (measured / target, PASS or MISS); writes the
 figures to JSON and draws a PNG bar chart. Exit status 0 whatever the ratios, unless ``--check``
@@ -45,12 +54,14 @@ import os
 import platform
 import random
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -82,6 +93,8 @@ PEER_DISTS = (
     "pyrate-limiter",
     "token-throttle",
     "matplotlib",
+    "redis",
+    "hiredis",
 )
 
 # Row names. One "op" is one iteration of the row's loop: a pair row does both halves per op.
@@ -140,6 +153,7 @@ class Row:
     note: str = ""
     process: str = "main"
     keep: object = None  # objects the row holds alive (outstanding reservations)
+    reset: Callable[[], object] | None = None  # after each check, outside timing (Redis rows)
     samples: list[float] = field(default_factory=list)
 
     @property
@@ -205,9 +219,13 @@ def measure(row: Row, ops: int, loop: asyncio.AbstractEventLoop) -> float:
 
 
 def verify(rows: Sequence[Row], when: str) -> None:
+    """Every row's check, then its reset (a Redis row that keeps what it reserved drops it)."""
     failed = [row.name for row in rows if row.check is not None and not row.check()]
     if failed:
         raise RuntimeError(f"{when}, these rows left the granted path: {', '.join(failed)}")
+    for row in rows:
+        if row.reset is not None:
+            row.reset()
 
 
 def run_rounds(
@@ -226,10 +244,10 @@ def run_rounds(
         rng.shuffle(order)
         for row in order:
             row.samples.append(measure(row, ops, loop))
+        verify(rows, f"after round {index + 1}")
         elapsed = time.monotonic() - started
         print(f"{label}round {index + 1}/{rounds} done ({elapsed:.1f} s)", flush=True)
     gc.unfreeze()
-    verify(rows, "after the last round")
 
 
 # --- floors and baselines ------------------------------------------------------------------------
@@ -883,6 +901,419 @@ def scaling_rows() -> list[Row]:
     return rows
 
 
+# --- Redis (costbound.redis): every row beside a PING on the same client -----------------------
+
+REDIS_ENV = "COSTBOUND_BENCH_REDIS"
+REDIS_CAPACITY = 2**53 - 1  # costbound.redis.MAX_AMOUNT: never runs dry during a run
+REDIS_LEASE = 3600.0  # no lease expires during a run, so nothing is reclaimed while timing
+FLEET = 64  # tasks in the fleet rows
+REDIS_GOAL = 1.3  # a Redis operation costs at most 1.3 PINGs on the same client
+USED = PROMPT + COMPLETION
+RD_PING = "Redis: PING, sync"
+RD_APING = "Redis: await PING, asyncio"
+RD_FPING = f"Redis: {FLEET} tasks, await PING"
+CBR_TRESERVE = "costbound Redis: try_reserve_tokens_sync(100)"
+CBR_ATRESERVE = "costbound Redis: await try_reserve_tokens(100)"
+CBR_TPAIR = "costbound Redis: token reserve+record, sync"
+CBR_ATPAIR = "costbound Redis: token reserve+record, async"
+CBR_PAIR = "costbound Redis: try_reserve(1)+release(1), sync"
+CBR_APAIR = "costbound Redis: try_reserve(1)+release(1), async"
+CBR_FLEET = f"costbound Redis: {FLEET} tasks, token reserve+record"
+TTR_SYNC = "token-throttle Redis: acquire+refund, sync"
+TTR_ASYNC = "token-throttle Redis: acquire+refund, async"
+REDIS_PROBE = "import redis, token_throttle"
+
+
+def _safe_url(url: str) -> str:
+    """``url`` without its password, for notes and JSON."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}"
+    netloc += f":{parts.port}" if parts.port else ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+class OwnRedisServer:
+    """A redis-server of this run's own on a free loopback port, without persistence."""
+
+    def __init__(self, executable: str) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="costbound-bench-redis-"))
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        command = [executable, "--port", str(self.port), "--bind", "127.0.0.1"]
+        command += ["--save", "", "--appendonly", "no", "--dir", str(self.dir)]
+        command += ["--logfile", str(self.dir / "redis.log")]
+        self.process: subprocess.Popen[bytes] | None = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+
+    def died(self) -> str:
+        """Why the server is gone (the end of its log), or "" while it runs."""
+        if self.process is None or self.process.poll() is None:
+            return ""
+        log = self.dir / "redis.log"
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
+        return f"redis-server exited with status {self.process.returncode}: {' / '.join(tail)}"
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _ping_error(url: str, server: OwnRedisServer | None) -> str:
+    """ "" when ``url`` answers PING (a server of our own gets 10 s to start), else why not."""
+    redis = importlib.import_module("redis")
+    deadline = time.monotonic() + (10.0 if server is not None else 0.0)
+    while True:
+        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+        try:
+            client.ping()
+            return ""
+        except (redis.RedisError, OSError) as exc:
+            error = f"{_safe_url(url)} did not answer PING ({type(exc).__name__}: {exc})"
+        finally:
+            client.close()
+        died = server.died() if server is not None else ""
+        if died or time.monotonic() >= deadline:
+            return f"{error}; {died}" if died else error
+        time.sleep(0.05)
+
+
+def open_redis(choice: str | None) -> tuple[str | None, OwnRedisServer | None, str]:
+    """The Redis to measure against: ``(url, own server or None, "")``, or ``(None, None, why)``.
+
+    ``--redis URL`` first, then ``$COSTBOUND_BENCH_REDIS``, else a redis-server of our own when
+    one is on PATH; ``--redis none`` skips the Redis rows.
+    """
+    if choice is not None and choice.strip().lower() in ("", "none", "off"):
+        return None, None, "Redis rows skipped: --redis none"
+    try:
+        importlib.import_module("redis")
+        importlib.import_module("costbound.redis")
+    except ImportError as exc:
+        return None, None, f"Redis rows skipped: {exc} (pip install 'costbound[redis]')"
+    url = choice or os.environ.get(REDIS_ENV) or None
+    server = None
+    if url is None:
+        executable = shutil.which("redis-server")
+        if executable is None:
+            why = f"no --redis URL, no ${REDIS_ENV} and no redis-server on PATH"
+            return None, None, f"Redis rows skipped: {why}"
+        server = OwnRedisServer(executable)
+        url = server.url
+    error = _ping_error(url, server)
+    if error:
+        if server is not None:
+            server.stop()
+        return None, None, f"Redis rows skipped: {error}"
+    return url, server, ""
+
+
+class RedisKit:
+    """What the Redis rows of one process share: one sync and one asyncio client, unique budget
+    names under one prefix, and the clean-up (limiters closed, keys deleted, clients closed)."""
+
+    def __init__(self, ctx: Context, url: str) -> None:
+        self.redis = importlib.import_module("redis")
+        self.ctx = ctx
+        self.sync = self.redis.Redis.from_url(url)
+        self.aclient = importlib.import_module("redis.asyncio").Redis.from_url(url)
+        # No ':' in the prefix: token-throttle refuses one in its key_prefix.
+        self.prefix = f"costbound-bench-{os.getpid()}-{os.urandom(4).hex()}"
+        self.keys: list[str] = []
+        self.closers: list[Callable[[], object]] = []
+        ctx.cleanups.append(self.close)
+
+    def name(self, what: str) -> str:
+        return f"{self.prefix}:{what}"
+
+    def budget(self, kind: str, what: str) -> Any:  # noqa: ANN401 (costbound.redis is optional)
+        """A ``RedisBudget`` or ``RedisTokenBudget`` of 2**53 - 1 on both clients, 1 h leases."""
+        cls = getattr(importlib.import_module("costbound.redis"), kind)
+        made = cls(
+            self.name(what),
+            REDIS_CAPACITY,
+            lease=REDIS_LEASE,
+            client=self.aclient,
+            sync_client=self.sync,
+        )
+        self.keys += made.keys
+        return made
+
+    def close(self) -> None:
+        try:
+            for closer in self.closers:
+                closer()
+            if self.keys:
+                self.sync.delete(*self.keys)
+            stray = list(self.sync.scan_iter(match=f"{self.prefix}*", count=1000))
+            for start in range(0, len(stray), 1000):
+                self.sync.delete(*stray[start : start + 1000])
+        finally:
+            self.ctx.run(self.aclient.aclose())
+            self.sync.close()
+
+
+def _token_ledger(budget: Any, pairs: int, held: int = 0) -> bool:  # noqa: ANN401
+    """A Redis token budget balances: ``pairs`` recorded at 60 each, ``held`` estimates out."""
+    s = budget.snapshot_sync()
+    reserved = held * ESTIMATE
+    return bool(
+        s.consumed == pairs * USED
+        and s.outstanding == held
+        and s.reserved == reserved
+        and s.debt == 0
+        and s.reclaimed == 0
+        and s.available == s.capacity - s.consumed - reserved
+    )
+
+
+def _split(ops: int, parts: int) -> list[int]:
+    """``ops`` spread over at most ``parts`` workers, none given 0."""
+    share, rest = divmod(ops, parts)
+    return [share + (i < rest) for i in range(parts) if share + (i < rest)]
+
+
+def redis_ping_rows(kit: RedisKit) -> list[Row]:
+    """The floor of every Redis row: one PING, a round trip through the same client."""
+
+    def ping(n: int) -> None:
+        c = kit.sync
+        for _ in repeat(None, n):
+            c.ping()
+
+    async def aping(n: int) -> None:
+        a = kit.aclient
+        for _ in repeat(None, n):
+            await a.ping()
+
+    return [
+        Row(RD_PING, "floor", ping, note="redis.Redis.ping(): one round trip"),
+        Row(RD_APING, "floor", async_body=aping, note="redis.asyncio.Redis: await ping()"),
+    ]
+
+
+def redis_token_pair_rows(kit: RedisKit) -> list[Row]:
+    """The token pairs (reserve 100, record 40 + 20): two script calls each."""
+    tokens = kit.budget("RedisTokenBudget", "tpair")
+    tokens_async = kit.budget("RedisTokenBudget", "atpair")
+    done, done_async = [0], [0]
+
+    def token_pair(n: int) -> None:
+        b = tokens
+        for _ in repeat(None, n):
+            r = b.try_reserve_tokens_sync(ESTIMATE)
+            b.record_usage_sync(r, PROMPT, COMPLETION)
+        done[0] += n
+
+    async def async_token_pair(n: int) -> None:
+        b = tokens_async
+        for _ in repeat(None, n):
+            r = await b.try_reserve_tokens(ESTIMATE)
+            await b.record_usage(r, PROMPT, COMPLETION)
+        done_async[0] += n
+
+    note = "RedisTokenBudget(2**53-1): 2 EVALSHA; record alone = this - the reserve row"
+    return [
+        Row(
+            CBR_TPAIR,
+            "costbound",
+            token_pair,
+            check=lambda: _token_ledger(tokens, done[0]),
+            note=note,
+        ),
+        Row(
+            CBR_ATPAIR,
+            "costbound",
+            async_body=async_token_pair,
+            check=lambda: _token_ledger(tokens_async, done_async[0]),
+            note=note,
+        ),
+    ]
+
+
+def redis_rows(ctx: Context, kit: RedisKit) -> list[Row]:
+    """costbound.redis beside PING: one row per operation, the pairs, and a 64-task fleet.
+
+    ``record_usage`` alone cannot be timed by the harness (each record needs a reservation made
+    outside the timed loop), so it is derived: (pair - reserve) per round, against PING.
+    """
+    held = kit.budget("RedisTokenBudget", "treserve")
+    held_async = kit.budget("RedisTokenBudget", "atreserve")
+    made, made_async = [0], [0]
+    units, units_async = kit.budget("RedisBudget", "pair"), kit.budget("RedisBudget", "apair")
+    fleet = kit.budget("RedisTokenBudget", "fleet")
+    fleet_done = [0]
+
+    def reserve(n: int) -> None:
+        # Each reservation is disarmed at once (a C call, ~30 ns), so its drop sends no refund;
+        # its lease stays on the server until the reset after the round deletes the budget.
+        b = held
+        for _ in repeat(None, n):
+            b.try_reserve_tokens_sync(ESTIMATE).disarm()
+        made[0] += n
+
+    async def await_reserve(n: int) -> None:
+        b = held_async
+        for _ in repeat(None, n):
+            (await b.try_reserve_tokens(ESTIMATE)).disarm()
+        made_async[0] += n
+
+    def forget(budget: Any, count: list[int]) -> Callable[[], None]:  # noqa: ANN401
+        def reset() -> None:  # after the check: start the next round from an empty budget
+            kit.sync.delete(*budget.keys)
+            count[0] = 0
+
+        return reset
+
+    def unit_pair(n: int) -> None:
+        b = units
+        for _ in repeat(None, n):
+            b.try_reserve_sync(1)
+            b.release_sync(1)
+
+    async def async_unit_pair(n: int) -> None:
+        b = units_async
+        for _ in repeat(None, n):
+            await b.try_reserve(1)
+            await b.release(1)
+
+    def full(budget: Any) -> Callable[[], bool]:  # noqa: ANN401
+        def check() -> bool:
+            s = budget.snapshot_sync()
+            return bool(s.available == s.capacity and s.outstanding == 0 and s.consumed == 0)
+
+        return check
+
+    async def fleet_ping(n: int) -> None:
+        a = kit.aclient
+
+        async def worker(k: int) -> None:
+            for _ in repeat(None, k):
+                await a.ping()
+
+        await asyncio.gather(*(worker(k) for k in _split(n, FLEET)))
+
+    async def fleet_pair(n: int) -> None:
+        b = fleet
+
+        async def worker(k: int) -> None:
+            for _ in repeat(None, k):
+                r = await b.try_reserve_tokens(ESTIMATE)
+                await b.record_usage(r, PROMPT, COMPLETION)
+
+        await asyncio.gather(*(worker(k) for k in _split(n, FLEET)))
+        fleet_done[0] += n
+
+    kept = "disarmed at once, its lease kept until the budget is reset after the round"
+    fleet_note = f"{FLEET} tasks on one redis.asyncio.Redis (its pool: up to {FLEET} connections)"
+    rows = redis_ping_rows(kit) + redis_token_pair_rows(kit)
+    rows += [
+        Row(
+            CBR_TRESERVE,
+            "costbound",
+            reserve,
+            check=lambda: _token_ledger(held, 0, made[0]),
+            reset=forget(held, made),
+            note=f"reservation {kept}",
+        ),
+        Row(
+            CBR_ATRESERVE,
+            "costbound",
+            async_body=await_reserve,
+            check=lambda: _token_ledger(held_async, 0, made_async[0]),
+            reset=forget(held_async, made_async),
+            note=f"reservation {kept}",
+        ),
+        Row(CBR_PAIR, "costbound", unit_pair, check=full(units), note="RedisBudget(2**53-1)"),
+        Row(
+            CBR_APAIR,
+            "costbound",
+            async_body=async_unit_pair,
+            check=full(units_async),
+            note="RedisBudget(2**53-1)",
+        ),
+        Row(
+            RD_FPING,
+            "floor",
+            async_body=fleet_ping,
+            note=f"{FLEET} tasks, each looping await ping(), one client",
+        ),
+        Row(
+            CBR_FLEET,
+            "costbound",
+            async_body=fleet_pair,
+            check=lambda: _token_ledger(fleet, fleet_done[0]),
+            note=f"one RedisTokenBudget, {fleet_note}",
+        ),
+    ]
+    return rows
+
+
+def peer_token_throttle_redis(ctx: Context, kit: RedisKit) -> list[Row]:
+    """token-throttle's Redis backends, measured as its in-memory rows are."""
+    tt = importlib.import_module("token_throttle")
+    cfg = tt.PerModelConfig(
+        quotas=tt.UsageQuotas([tt.Quota(metric="tokens", limit=HUGE, per_seconds=60)])
+    )
+    estimate, used = {"tokens": ESTIMATE}, {"tokens": USED}
+    sync_backend = tt.SyncRedisBackendBuilder(kit.sync, key_prefix=f"{kit.prefix}-tt-sync")
+    sync_limiter = tt.SyncRateLimiter(cfg, backend=sync_backend)
+
+    async def make_async() -> Any:  # noqa: ANN401 (a module imported at run time)
+        backend = tt.RedisBackendBuilder(kit.aclient, key_prefix=f"{kit.prefix}-tt-async")
+        return tt.RateLimiter(cfg, backend=backend)
+
+    async_limiter = ctx.run(make_async())
+    kit.closers.append(sync_limiter.close)
+    kit.closers.append(lambda: ctx.run(async_limiter.aclose()))
+
+    def sync_pair(n: int) -> None:
+        lim = sync_limiter
+        for _ in repeat(None, n):
+            r = lim.acquire_capacity(estimate, model="bench")
+            lim.refund_capacity(used, r)
+
+    async def async_pair(n: int) -> None:
+        lim = async_limiter
+        for _ in repeat(None, n):
+            r = await lim.acquire_capacity(estimate, model="bench")
+            await lim.refund_capacity(used, r)
+
+    note = "Redis backend, 1e15 tokens/minute, the same clients"
+    return [
+        Row(TTR_SYNC, "peer", sync_pair, note=f"SyncRateLimiter, {note}"),
+        Row(TTR_ASYNC, "peer", async_body=async_pair, note=f"RateLimiter, {note}"),
+    ]
+
+
+def redis_child_rows(ctx: Context, url: str) -> list[Row]:
+    """In the 3.12 child: PING, costbound's Redis token pairs and token-throttle's Redis pairs."""
+    try:
+        kit = RedisKit(ctx, url)
+    except ImportError as exc:
+        ctx.notes.append(f"Redis rows (in the 3.12 child) skipped: {exc}")
+        return []
+    rows = redis_ping_rows(kit)
+    rows += try_build(
+        ctx, "costbound Redis (in the 3.12 child)", lambda _ctx: redis_token_pair_rows(kit)
+    )
+    rows += try_build(
+        ctx, "token-throttle Redis (in the 3.12 child)", lambda c: peer_token_throttle_redis(c, kit)
+    )
+    return rows
+
+
 # --- targets -------------------------------------------------------------------------------------
 
 
@@ -975,6 +1406,79 @@ def targets(tt_tag: str) -> list[Target]:
     ]
 
 
+def _record_alone(values: Sequence[float]) -> float:
+    """(pair - reserve) / PING: what the record half of a token pair costs, against a PING."""
+    return (values[0] - values[1]) / values[2]
+
+
+def redis_targets(tt_tag: str) -> list[Target]:
+    """The Redis rows against a PING on the same client (goal: at most 1.3x), and the fleet."""
+
+    def per_ping(
+        name: str,
+        row: str,
+        ping: str,
+        formula: Callable[[Sequence[float]], float],
+        target: float | None = REDIS_GOAL,
+    ) -> Target:
+        return Target(name, (row, ping), formula, target, at_most=True)
+
+    return [
+        per_ping("Redis try_reserve_tokens_sync / PING", CBR_TRESERVE, RD_PING, _speedup),
+        Target(
+            "Redis record_usage_sync (pair - reserve) / PING",
+            (CBR_TPAIR, CBR_TRESERVE, RD_PING),
+            _record_alone,
+            REDIS_GOAL,
+            at_most=True,
+        ),
+        per_ping("Redis token pair, sync / 2 PINGs", CBR_TPAIR, RD_PING, _over_two),
+        per_ping("Redis await try_reserve_tokens / await PING", CBR_ATRESERVE, RD_APING, _speedup),
+        Target(
+            "Redis await record_usage (pair - reserve) / await PING",
+            (CBR_ATPAIR, CBR_ATRESERVE, RD_APING),
+            _record_alone,
+            REDIS_GOAL,
+            at_most=True,
+        ),
+        per_ping("Redis token pair, async / 2 awaited PINGs", CBR_ATPAIR, RD_APING, _over_two),
+        per_ping("RedisBudget pair, sync / 2 PINGs", CBR_PAIR, RD_PING, _over_two),
+        per_ping("RedisBudget pair, async / 2 awaited PINGs", CBR_APAIR, RD_APING, _over_two),
+        per_ping(
+            f"{FLEET}-task fleet: token pair / 2 PINGs (per op)", CBR_FLEET, RD_FPING, _over_two
+        ),
+        # token-throttle's Redis backend, where it runs (the 3.12 child): reported only.
+        Target(
+            f"token-throttle Redis pair / costbound Redis token pair, sync{tt_tag}",
+            (TTR_SYNC + tt_tag, CBR_TPAIR + tt_tag),
+            _speedup,
+            None,
+            at_most=False,
+        ),
+        Target(
+            f"token-throttle Redis pair / costbound Redis token pair, async{tt_tag}",
+            (TTR_ASYNC + tt_tag, CBR_ATPAIR + tt_tag),
+            _speedup,
+            None,
+            at_most=False,
+        ),
+        per_ping(
+            f"token-throttle Redis pair, sync / 2 PINGs{tt_tag}",
+            TTR_SYNC + tt_tag,
+            RD_PING + tt_tag,
+            _over_two,
+            None,
+        ),
+        per_ping(
+            f"token-throttle Redis pair, async / 2 awaited PINGs{tt_tag}",
+            TTR_ASYNC + tt_tag,
+            RD_APING + tt_tag,
+            _over_two,
+            None,
+        ),
+    ]
+
+
 def evaluate(target: Target, by_name: dict[str, Row]) -> None:
     if any(name not in by_name or not by_name[name].samples for name in target.rows):
         return  # a row was skipped: so is the ratio
@@ -1030,12 +1534,30 @@ def find_py312(explicit: str | None) -> tuple[str | None, str]:
     )
 
 
-def run_child(exe: str, rounds: int, ops: int) -> tuple[list[Row], dict[str, Any], list[str]]:
+def redis_probe_error(exe: str) -> str:
+    """ "" when ``exe`` can import redis-py and token-throttle (its Redis backend), else why not."""
+    try:
+        probe = subprocess.run(
+            [exe, "-c", REDIS_PROBE], capture_output=True, text=True, timeout=120, check=False
+        )
+    except OSError as exc:
+        return str(exc)
+    if probe.returncode == 0:
+        return ""
+    return (probe.stderr.strip().splitlines() or [f"exit status {probe.returncode}"])[-1]
+
+
+def run_child(
+    exe: str, args: argparse.Namespace, redis_url: str | None
+) -> tuple[list[Row], dict[str, Any], list[str]]:
     """Run this file under ``exe`` for the rows that need 3.12; return them, tagged."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "child.json"
         command = [exe, str(Path(__file__).resolve()), "--child-out", str(out)]
-        command += ["--rounds", str(rounds), "--ops", str(ops)]
+        command += ["--rounds", str(args.rounds), "--ops", str(args.ops)]
+        if args.only:
+            command += ["--only", args.only]
+        command += ["--redis", redis_url or "none"]
         proc = subprocess.run(command, check=False)
         if proc.returncode != 0 or not out.exists():
             return [], {}, [f"the 3.12 child ({exe}) failed with exit status {proc.returncode}"]
@@ -1056,11 +1578,16 @@ def run_child(exe: str, rounds: int, ops: int) -> tuple[list[Row], dict[str, Any
 
 
 def child_main(args: argparse.Namespace) -> int:
-    """In the 3.12 child: floors, costbound's token pairs and token-throttle; JSON to a file."""
+    """In the 3.12 child: floors, costbound's token pairs and token-throttle, and with
+    ``--redis URL`` the Redis rows of both (``--only redis``: those alone); JSON to a file."""
     loop = asyncio.new_event_loop()
     ctx = Context(loop)
-    rows = floor_rows() + [r for r in costbound_token_rows() if r.name != CB_TDROP]
-    rows += try_build(ctx, "token-throttle (in the 3.12 child)", peer_token_throttle)
+    rows: list[Row] = []
+    if args.only is None:
+        rows += floor_rows() + [r for r in costbound_token_rows() if r.name != CB_TDROP]
+        rows += try_build(ctx, "token-throttle (in the 3.12 child)", peer_token_throttle)
+    if args.redis and args.redis != "none":
+        rows += redis_child_rows(ctx, args.redis)
     run_rounds(rows, args.rounds, args.ops, loop, "[3.12 child] ")
     finish(ctx)
     payload = {"machine": machine_info(), "rows": [row_json(row) for row in rows]}
@@ -1162,6 +1689,8 @@ def print_series(title: str, names: Sequence[str], by_name: dict[str, Row]) -> N
 
 
 def print_targets(all_targets: Sequence[Target]) -> None:
+    if not all_targets:
+        return
     width = max(len(target.name) for target in all_targets)
     print(f"\n{'ratio':<{width}}  {'measured':>8} / target  result")
     for target in all_targets:
@@ -1193,13 +1722,37 @@ METHOD = (
     "peers configured never to deny or wait: the granted path is measured",
     "hand-over rows: one op is one unit released to a waiter queued for it beforehand (checked),"
     " which it wakes; per body, the other task or thread is started once",
+    "Redis rows: against PING on the same client; a pair is set against 2 PINGs; record_usage"
+    " alone is derived per round as (pair - reserve) / PING, the reserve rows disarming each"
+    " reservation and keeping its lease until the budget is reset after the round",
+    f"fleet rows: one body of n ops is n ops spread over {FLEET} tasks gathered on the one loop"
+    " (the 64 tasks are made per body); ops/s = 1e9 / median ns per op",
 )
+
+
+def fleet_throughput(by_name: dict[str, Row]) -> dict[str, float]:
+    """Ops per second of the fleet rows (all tasks together)."""
+    names = (RD_FPING, CBR_FLEET)
+    return {name: 1e9 / by_name[name].median for name in names if by_name.get(name)}
+
+
+def print_fleet(by_name: dict[str, Row]) -> None:
+    rates = fleet_throughput(by_name)
+    if not rates:
+        return
+    print(f"\nFleet of {FLEET} tasks on one asyncio client (all tasks together):")
+    for name, rate in rates.items():
+        print(f"  {name:<60} {by_name[name].median:9.1f} ns/op  {rate:10,.0f} ops/s")
+    if len(rates) == 2:
+        pairs, pings = rates[CBR_FLEET], rates[RD_FPING]
+        print(f"  token pairs/s per PING/s: {pairs / pings:.2f} (a pair is 2 script calls)")
 
 
 def print_report(
     rows: Sequence[Row], by_name: dict[str, Row], all_targets: Sequence[Target], notes: list[str]
 ) -> None:
     print_rows([row for row in rows if row.group != "scaling"])
+    print_fleet(by_name)
     print_series(
         "Scaling with the size of cost (AtomicBudget(2**63), sync pair):",
         [cost_row_name(e) for e in COST_EXPONENTS],
@@ -1235,6 +1788,7 @@ def write_json(
         "method": method,
         "rows": [row_json(row) for row in rows],
         "ratios": [target_json(target) for target in all_targets],
+        "fleet_ops_per_s": fleet_throughput({row.name: row for row in rows if row.samples}),
         "notes": notes,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -1296,12 +1850,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny run; never fails on ratios")
     parser.add_argument("--rounds", type=int, help=f"rounds (default {DEFAULT_ROUNDS})")
     parser.add_argument("--ops", type=int, help=f"ops per row per round (default {DEFAULT_OPS})")
-    parser.add_argument("--json", type=Path, default=HERE / "out" / "compare.json")
-    parser.add_argument("--png", type=Path, default=HERE / "out" / "compare.png")
+    parser.add_argument("--json", type=Path, help="default benches/out/compare[-redis].json")
+    parser.add_argument("--png", type=Path, help="default benches/out/compare[-redis].png")
     parser.add_argument("--py312", help="a Python >= 3.12 with costbound and token-throttle")
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
+    parser.add_argument(
+        "--redis",
+        metavar="URL",
+        help=f"Redis for the Redis rows ('none' skips them; default ${REDIS_ENV}, else a "
+        "redis-server of our own on a free loopback port, if one is on PATH)",
+    )
+    parser.add_argument("--only", choices=["redis"], help="run only these rows")
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    stem = "compare-redis" if args.only == "redis" else "compare"
+    args.json = args.json or HERE / "out" / f"{stem}.json"
+    args.png = args.png or HERE / "out" / f"{stem}.png"
     if args.rounds is None:
         args.rounds = SMOKE_ROUNDS if args.smoke else DEFAULT_ROUNDS
     if args.ops is None:
@@ -1320,20 +1884,39 @@ def try_build(ctx: Context, name: str, build: Callable[[Context], list[Row]]) ->
         return []
 
 
-def build_rows(ctx: Context) -> tuple[list[Row], bool]:
+def build_rows(ctx: Context, only: str | None, redis_url: str | None) -> tuple[list[Row], bool]:
     """Every row of the main process; True when token-throttle is among them (Python 3.12+)."""
-    rows = floor_rows() + baseline_rows()
-    peers = list(PEERS)
+    rows: list[Row] = []
     in_process = sys.version_info >= (3, 12)
-    if in_process:
-        peers.append(("token-throttle", peer_token_throttle))
-    for name, build in peers:
-        built = try_build(ctx, name, build)
-        rows += built
-        in_process = in_process and (name != "token-throttle" or bool(built))
-    rows += costbound_guard_rows() + costbound_token_rows() + scaling_rows()
-    rows += costbound_wait_rows() + handover_rows(ctx) + costbound_rated_rows()
+    if only is None:
+        rows += floor_rows() + baseline_rows()
+        peers = list(PEERS)
+        if in_process:
+            peers.append(("token-throttle", peer_token_throttle))
+        for name, build in peers:
+            built = try_build(ctx, name, build)
+            rows += built
+            in_process = in_process and (name != "token-throttle" or bool(built))
+        rows += costbound_guard_rows() + costbound_token_rows() + scaling_rows()
+        rows += costbound_wait_rows() + handover_rows(ctx) + costbound_rated_rows()
+    if redis_url is not None:
+        kit = RedisKit(ctx, redis_url)
+        rows += redis_rows(ctx, kit)
+        if sys.version_info >= (3, 12):
+            build = lambda c: peer_token_throttle_redis(c, kit)  # noqa: E731
+            rows += try_build(ctx, "token-throttle Redis", build)
     return rows, in_process
+
+
+def redis_server_info(url: str | None, own: bool) -> dict[str, Any] | None:
+    if url is None:
+        return None
+    client = importlib.import_module("redis").Redis.from_url(url)
+    try:
+        version = client.info("server").get("redis_version")
+    finally:
+        client.close()
+    return {"url": _safe_url(url), "server": version, "started_by_this_run": own}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1341,12 +1924,62 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.child_out:
         return child_main(args)
     started = time.monotonic()
-    ctx = Context(asyncio.new_event_loop())
-    rows, tt_in_process = build_rows(ctx)
-    child_exe, why = (None, "") if tt_in_process else find_py312(args.py312)
+    redis_url, server, why = open_redis(args.redis)
+    if why:
+        print(f"note: {why}", flush=True)
+    try:
+        return run(args, started, redis_url, server, why)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def plan_child(
+    ctx: Context, args: argparse.Namespace, tt_in_process: bool, redis_url: str | None
+) -> tuple[str | None, str | None]:
+    """The 3.12 child to run, if any, and the Redis it measures (None: no Redis rows there)."""
+    need_tt = args.only is None and not tt_in_process
+    need_redis = redis_url is not None and sys.version_info < (3, 12)
+    child_exe, why = find_py312(args.py312) if need_tt or need_redis else (None, "")
     if why:
         ctx.notes.append(why)
+    if child_exe is None or not need_redis:
+        return child_exe, None
+    error = redis_probe_error(child_exe)
+    if not error:
+        return child_exe, redis_url
+    note = (
+        f"token-throttle's Redis backend not measured: {child_exe} cannot run "
+        f"`{REDIS_PROBE}` ({error}); it needs token-throttle[redis] (redis-py) there, "
+        "and costbound with costbound.redis for the rows beside it"
+    )
+    print(f"note: {note}", flush=True)
+    ctx.notes.append(note)
+    return (child_exe if need_tt else None), None
+
+
+def run(
+    args: argparse.Namespace,
+    started: float,
+    redis_url: str | None,
+    server: OwnRedisServer | None,
+    redis_why: str,
+) -> int:
+    """Everything after the choice of a Redis: build, measure, report."""
+    ctx = Context(asyncio.new_event_loop())
+    if redis_why:
+        ctx.notes.append(redis_why)
+    rows, tt_in_process = build_rows(ctx, args.only, redis_url)
+    child_exe, child_redis = plan_child(ctx, args, tt_in_process, redis_url)
+    if not rows and child_exe is None:
+        finish(ctx)
+        print("no rows to measure")
+        for note in ctx.notes:
+            if note != redis_why:  # printed already
+                print(f"note: {note}")
+        return 0
     machine = machine_info()
+    machine["redis"] = redis_server_info(redis_url, server is not None)
     print(f"costbound {machine['costbound']} on Python {machine['python']}, {machine['cpu']}")
     print(f"{len(rows)} rows x {args.rounds} rounds x {args.ops} ops; setup took ", end="")
     print(f"{time.monotonic() - started:.1f} s", flush=True)
@@ -1356,11 +1989,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     child_machine: dict[str, Any] = {}
     if child_exe is not None:
         print(f"token-throttle: measuring in a child process, {child_exe}", flush=True)
-        child_rows, child_machine, child_notes = run_child(child_exe, args.rounds, args.ops)
+        child_rows, child_machine, child_notes = run_child(child_exe, args, child_redis)
         rows += child_rows
         ctx.notes += child_notes
     by_name = {row.name: row for row in rows}
-    all_targets = targets("" if tt_in_process else CHILD_TAG)
+    redis_tag = "" if sys.version_info >= (3, 12) else CHILD_TAG
+    all_targets = [] if args.only else targets("" if tt_in_process else CHILD_TAG)
+    all_targets += redis_targets(redis_tag) if redis_url is not None else []
     for target in all_targets:
         evaluate(target, by_name)
 
