@@ -41,7 +41,6 @@ from costbound._admit import _refuse_on_a_loop
 from costbound._reservation import TokenReservation
 from costbound.redis._core import (
     MAX_AMOUNT,
-    TOMBSTONE_SECONDS,
     Core,
     Denied,
     Lease,
@@ -50,6 +49,17 @@ from costbound.redis._core import (
     new_id,
     rate_fraction,
     seconds,
+)
+from costbound.redis._script import (
+    EXTEND,
+    GIVE,
+    LEASE,
+    REFILL,
+    SETTLE,
+    SNAP,
+    TAKE,
+    TOMBSTONE_SECONDS,
+    UNLEASE,
 )
 
 __all__ = [
@@ -63,7 +73,6 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
-_TOMBSTONE_MICROS = round(TOMBSTONE_SECONDS * 1e6)
 
 
 @dataclass(frozen=True)
@@ -149,7 +158,7 @@ class RedisPermit:
         lease = self._lease
         if lease.claim():
             try:
-                await self._core.call(method, "unlease", lease.id, refund)
+                await self._core.call(method, UNLEASE, lease.member, refund)
             except BaseException:
                 lease.unclaim()  # not settled: the caller may retry
                 raise
@@ -158,7 +167,7 @@ class RedisPermit:
         lease = self._lease
         if lease.claim():
             try:
-                self._core.call_sync(method, "unlease", lease.id, refund)
+                self._core.call_sync(method, UNLEASE, lease.member, refund)
             except BaseException:
                 lease.unclaim()
                 raise
@@ -306,19 +315,19 @@ class _RedisBase:
 
     async def refill(self) -> None:
         """Add ``capacity`` to the balance, capped at ``capacity`` (debt is paid first)."""
-        await self._core.call("refill", "refill")
+        await self._core.call("refill", REFILL)
 
     def refill_sync(self) -> None:
         """Do what :meth:`refill` does, with the blocking client."""
-        self._core.call_sync("refill_sync", "refill")
+        self._core.call_sync("refill_sync", REFILL)
 
     async def snapshot(self) -> Snapshot:
         """Read the budget's state as the server holds it now."""
-        return _snapshot(await self._core.call("snapshot", "snap"))
+        return _snapshot(await self._core.call("snapshot", SNAP))
 
     def snapshot_sync(self) -> Snapshot:
         """Do what :meth:`snapshot` does, with the blocking client."""
-        return _snapshot(self._core.call_sync("snapshot_sync", "snap"))
+        return _snapshot(self._core.call_sync("snapshot_sync", SNAP))
 
     async def flush(self) -> None:
         """Send the refunds of dropped reservations now, and wait for those under way.
@@ -344,7 +353,7 @@ class _RedisBase:
         lease = self._held_lease(held, method)
         if lease.used:
             raise ValueError(f"{method}: the lease {lease.id} was already settled")
-        return lease.id, round((extra or 0.0) * 1e6)
+        return lease.member, round((extra or 0.0) * 1e6)
 
     async def extend(self, held: RedisReservation | RedisPermit, seconds: float) -> bool:
         """Make the lease of ``held`` expire ``seconds`` from now (server time).
@@ -352,35 +361,25 @@ class _RedisBase:
         ``False`` when the lease had already expired and was reclaimed: its amount is back in
         the budget, and a later ``record_usage`` charges the actual usage once.
         """
-        reply = await self._core.call(
-            "extend", "extend", *self._extend_args(held, seconds, "extend")
-        )
+        reply = await self._core.call("extend", EXTEND, *self._extend_args(held, seconds, "extend"))
         return bool(reply[0] == 1)
 
     def extend_sync(self, held: RedisReservation | RedisPermit, seconds: float) -> bool:
         """Do what :meth:`extend` does, with the blocking client."""
         args = self._extend_args(held, seconds, "extend_sync")
-        return bool(self._core.call_sync("extend_sync", "extend", *args)[0] == 1)
+        return bool(self._core.call_sync("extend_sync", EXTEND, *args)[0] == 1)
 
     async def _try_lease(self, method: str, wanted: int, waiting: bool) -> Lease | Denied:
-        lease_id = new_id()
         core = self._core
-        reply = await core.call(
-            method, "lease", lease_id, wanted, core.lease_micros, waiting=waiting
-        )
-        if reply[0] == 1:
-            return core.lease(lease_id, wanted, asyncio.get_running_loop())
-        return core.denied(reply, wanted)
+        lease = core.lease(new_id(), wanted, asyncio.get_running_loop())
+        reply = await core.call(method, LEASE, lease.member, core.lease_micros, waiting=waiting)
+        return lease if reply[0] == 1 else core.denied(reply, wanted)
 
     def _try_lease_sync(self, method: str, wanted: int, waiting: bool) -> Lease | Denied:
-        lease_id = new_id()
         core = self._core
-        reply = core.call_sync(
-            method, "lease", lease_id, wanted, core.lease_micros, waiting=waiting
-        )
-        if reply[0] == 1:
-            return core.lease(lease_id, wanted, None)
-        return core.denied(reply, wanted)
+        lease = core.lease(new_id(), wanted, None)
+        reply = core.call_sync(method, LEASE, lease.member, core.lease_micros, waiting=waiting)
+        return lease if reply[0] == 1 else core.denied(reply, wanted)
 
     async def _acquire(self, method: str, wanted: int, timeout: float | None) -> Lease:
         core = self._core
@@ -438,7 +437,7 @@ class RedisBudget(_RedisBase):
         core = self._core
         if cost > MAX_AMOUNT or core.queued():
             return False
-        return bool((await core.call("try_reserve", "take", cost))[0] == 1)
+        return bool((await core.call("try_reserve", TAKE, cost))[0] == 1)
 
     def try_reserve_sync(self, cost: int) -> bool:
         """Do what :meth:`try_reserve` does, with the blocking client."""
@@ -446,17 +445,17 @@ class RedisBudget(_RedisBase):
         core = self._core
         if cost > MAX_AMOUNT or core.queued():
             return False
-        return bool(core.call_sync("try_reserve_sync", "take", cost)[0] == 1)
+        return bool(core.call_sync("try_reserve_sync", TAKE, cost)[0] == 1)
 
     async def release(self, cost: int) -> None:
         """Give ``cost`` back; the balance never exceeds the capacity."""
         cost = min(amount(cost, "cost"), MAX_AMOUNT)
-        await self._core.call("release", "give", cost)
+        await self._core.call("release", GIVE, cost)
 
     def release_sync(self, cost: int) -> None:
         """Do what :meth:`release` does, with the blocking client."""
         cost = min(amount(cost, "cost"), MAX_AMOUNT)
-        self._core.call_sync("release_sync", "give", cost)
+        self._core.call_sync("release_sync", GIVE, cost)
 
     def reserve(self, cost: int, *, timeout: float | None = None) -> _Request[RedisPermit]:
         """Wait until ``cost`` fits, then lease it: await it, or ``async with`` it."""
@@ -523,7 +522,7 @@ class RedisTokenBudget(_RedisBase):
         On ``BackendError`` the reservation stays armed and the call can be retried safely.
         """
         lease, used = self._settle_args(reservation, prompt, completion, "record_usage")
-        await self._core.call("record_usage", "settle", lease.id, used, _TOMBSTONE_MICROS)
+        await self._core.call("record_usage", SETTLE, lease.member, used)
         lease.claim()
         reservation.disarm()
 
@@ -532,7 +531,7 @@ class RedisTokenBudget(_RedisBase):
     ) -> None:
         """Do what :meth:`record_usage` does, with the blocking client."""
         lease, used = self._settle_args(reservation, prompt, completion, "record_usage_sync")
-        self._core.call_sync("record_usage_sync", "settle", lease.id, used, _TOMBSTONE_MICROS)
+        self._core.call_sync("record_usage_sync", SETTLE, lease.member, used)
         lease.claim()
         reservation.disarm()
 
@@ -570,9 +569,9 @@ class RedisTokenBudget(_RedisBase):
         if reservation.disarm() is None or not lease.claim():
             return
         try:
-            await self._core.call("reserve_tokens", "unlease", lease.id, lease.amount)
+            await self._core.call("reserve_tokens", UNLEASE, lease.member, lease.amount)
         except Exception:
-            self._core.pending.append((lease.id, lease.amount))  # sent with the next call
+            self._core.pending.append((lease.member, lease.amount))  # sent with the next call
 
 
 def _snapshot(reply: list[Any]) -> Snapshot:

@@ -23,7 +23,17 @@ from typing import Any, Final, NoReturn, TypeVar
 
 from costbound._errors import BackendError
 from costbound._waiting import _Signal
-from costbound.redis._script import SCRIPT, SHA
+from costbound.redis._script import (
+    CONF,
+    PENDING,
+    SCRIPT,
+    SHA,
+    SNAP,
+    STORE,
+    UNLEASE,
+    VERIFY,
+    WAITING,
+)
 
 try:
     from redis.exceptions import NoScriptError, RedisError
@@ -38,8 +48,6 @@ _U64: Final = 2**64 - 1
 #: The rate is stored as the fraction rp/rq units per second with rq * (rp + 1) below this, so
 #: that the script's refill never multiplies past 2**53.
 _RATE_LIMIT: Final = 2**33
-#: How long the server remembers a recorded reservation, to answer a retried ``record_usage``.
-TOMBSTONE_SECONDS: Final = 900.0
 #: A waiter that hears nothing (a lost message, a refill by the clock) looks again this often.
 POLL_SECONDS: Final = 0.5
 
@@ -101,7 +109,17 @@ class Lease:
     call. In a process forked after the grant it does nothing (the parent owns the lease).
     """
 
-    __slots__ = ("__weakref__", "_budget", "_loop", "_pid", "_used", "amount", "id", "name")
+    __slots__ = (
+        "__weakref__",
+        "_budget",
+        "_loop",
+        "_pid",
+        "_used",
+        "amount",
+        "id",
+        "member",
+        "name",
+    )
 
     def __init__(
         self,
@@ -114,8 +132,9 @@ class Lease:
         self.name = budget.name
         self.id = lease_id
         self.amount = leased
+        self.member = f"{lease_id}|{leased}"  # how the server holds it: id and amount
         self._loop = loop
-        self._pid = os.getpid()
+        self._pid = _PID
         self._used = False
 
     @property
@@ -136,25 +155,27 @@ class Lease:
 
     def __call__(self, refund: int) -> None:
         refund = amount(refund, "amount", self.amount)
-        if not self.claim() or os.getpid() != self._pid:
+        if not self.claim() or self._pid != _PID:
             return
         budget = self._budget()
         if budget is not None:
-            budget.unlease_later(self.id, refund, self._loop)
+            budget.unlease_later(self.member, refund, self._loop)
 
     def __repr__(self) -> str:
         return f"<Lease {self.id} of {self.amount}{' (settled)' if self._used else ''}>"
 
 
 _PREFIX = ""
+_PID = 0
 _COUNTER = itertools.count()
 _LIVE: weakref.WeakSet[Core] = weakref.WeakSet()
 
 
 def _reseed() -> None:
     """Draw a fresh id prefix per process: a forked child must not repeat its parent's ids."""
-    global _PREFIX, _COUNTER  # noqa: PLW0603
+    global _PREFIX, _PID, _COUNTER  # noqa: PLW0603
     _PREFIX = os.urandom(8).hex() + ":"
+    _PID = os.getpid()
     _COUNTER = itertools.count()
     for core in list(_LIVE):
         core.after_fork()
@@ -209,11 +230,13 @@ class Core:
         self.owner = owner
         self.name = name
         tag = "{" + name + "}"
-        self.keys: Final = (tag, tag + ":leases", tag + ":held", tag + ":done")
+        self.keys: Final = (tag, tag + ":leases", tag + ":done")
         self.channel: Final = tag + ":room"
+        # The number of keys and the keys, encoded once (redis-py passes bytes through).
+        self.head: Final = (3, *(key.encode() for key in self.keys))
         self.capacity = capacity
         self.rate = rate
-        self.lease_micros = round(lease * 1e6)
+        self.lease_micros = str(round(lease * 1e6)).encode()
         self.client: Any = client
         self.sync_client: Any = sync_client
         self.conf: tuple[str, ...] = (
@@ -242,24 +265,31 @@ class Core:
 
     # -- one script call ----------------------------------------------------------------------
 
-    def _argv(
-        self, op: str, args: tuple[object, ...], waiting: bool
-    ) -> tuple[list[object], list[object]]:
+    def _pending(self) -> list[object]:
         refunds: list[object] = []
         while self.pending:
             try:
-                lease_id, refund = self.pending.popleft()
+                member, refund = self.pending.popleft()
             except IndexError:
                 break
-            refunds += (lease_id, refund)
-        argv = [op, *self.conf, self.mode, 1 if waiting else 0, len(refunds) // 2, *refunds, *args]
-        return argv, refunds
+            refunds += (member, refund)
+        return refunds
 
-    def _failed(self, op: str, refunds: list[object], error: BaseException | None) -> None:
+    def _argv(
+        self, op: int, args: tuple[object, ...], waiting: bool, refunds: list[object], conf: bool
+    ) -> tuple[object, ...]:
+        flags = (WAITING if waiting else 0) + PENDING * (len(refunds) // 2)
+        if not conf:
+            return (*self.head, op + 16 * flags, *refunds, *args)
+        flags |= CONF | (STORE if self.mode == 2 else VERIFY if self.mode == 1 else 0)
+        return (*self.head, op + 16 * flags, *self.conf, *refunds, *args)
+
+    def _failed(self, method: str, refunds: list[object], error: BaseException | None) -> None:
         for i in range(0, len(refunds), 2):
             self.pending.append((str(refunds[i]), int(refunds[i + 1])))  # type: ignore[call-overload]
         if error is not None:
-            raise BackendError(f"{op} on {self.name!r}: {type(error).__name__}: {error}") from error
+            message = f"{method} on {self.name!r}: {type(error).__name__}: {error}"
+            raise BackendError(message) from error
 
     def _verdict(self, reply: object) -> list[Any]:
         if type(reply) is not list:
@@ -274,43 +304,45 @@ class Core:
         self.mode = 0
         return reply
 
-    async def call(self, method: str, op: str, *args: object, waiting: bool = False) -> list[Any]:
-        """Run ``op`` on the server with the asyncio client."""
+    async def call(self, method: str, op: int, *args: object, waiting: bool = False) -> list[Any]:
+        """Run ``op`` on the server with the asyncio client.
+
+        The configuration goes with the first call only (to check or store it), and again when
+        the server answers that the budget does not exist (a restarted server, deleted keys).
+        """
         client = self.client
         if client is None:
             self.need("client", "an asyncio client (redis.asyncio.Redis)", method)
-        argv, refunds = self._argv(op, args, waiting)
+        refunds = self._pending() if self.pending else []
         try:
-            try:
-                reply = await client.evalsha(SHA, 4, *self.keys, *argv)
-            except NoScriptError:
-                reply = await client.eval(SCRIPT, 4, *self.keys, *argv)
+            reply = await _eval(client, self._argv(op, args, waiting, refunds, self.mode != 0))
+            if reply[0] == 3:
+                reply = await _eval(client, self._argv(op, args, waiting, refunds, True))
         except _FAILURES as error:
-            self._failed(op, refunds, error)
+            self._failed(method, refunds, error)
         except BaseException:
-            self._failed(op, refunds, None)
+            self._failed(method, refunds, None)
             raise
         return self._verdict(reply)
 
-    def call_sync(self, method: str, op: str, *args: object, waiting: bool = False) -> list[Any]:
-        """Run ``op`` on the server with the blocking client."""
+    def call_sync(self, method: str, op: int, *args: object, waiting: bool = False) -> list[Any]:
+        """Run ``op`` on the server with the blocking client (as :meth:`call` does)."""
         client = self.sync_client
         if client is None:
             self.need("sync_client", "a blocking client (redis.Redis)", method)
-        argv, refunds = self._argv(op, args, waiting)
+        refunds = self._pending() if self.pending else []
         try:
-            try:
-                reply = client.evalsha(SHA, 4, *self.keys, *argv)
-            except NoScriptError:
-                reply = client.eval(SCRIPT, 4, *self.keys, *argv)
+            reply = _eval_sync(client, self._argv(op, args, waiting, refunds, self.mode != 0))
+            if reply[0] == 3:
+                reply = _eval_sync(client, self._argv(op, args, waiting, refunds, True))
         except _FAILURES as error:
-            self._failed(op, refunds, error)
+            self._failed(method, refunds, error)
         except BaseException:
-            self._failed(op, refunds, None)
+            self._failed(method, refunds, None)
             raise
         if type(reply) is not list and hasattr(reply, "__await__"):
             reply.close()
-            self._failed(op, refunds, None)
+            self._failed(method, refunds, None)
             raise TypeError(f"{self.owner}.{method} needs sync_client= to be a blocking client")
         return self._verdict(reply)
 
@@ -333,27 +365,27 @@ class Core:
     # -- refunds that must not block ----------------------------------------------------------
 
     def unlease_later(
-        self, lease_id: str, refund: int, loop: asyncio.AbstractEventLoop | None
+        self, member: str, refund: int, loop: asyncio.AbstractEventLoop | None
     ) -> None:
         """Give a lease back without blocking: on its loop if it runs, else with the next call."""
         if loop is not None and self.client is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                loop.call_soon_threadsafe(self._spawn_unlease, lease_id, refund)
+                loop.call_soon_threadsafe(self._spawn_unlease, member, refund)
                 return
-        self.pending.append((lease_id, refund))
+        self.pending.append((member, refund))
 
-    def _spawn_unlease(self, lease_id: str, refund: int) -> None:
-        task = asyncio.get_running_loop().create_task(self._unlease(lease_id, refund))
+    def _spawn_unlease(self, member: str, refund: int) -> None:
+        task = asyncio.get_running_loop().create_task(self._unlease(member, refund))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _unlease(self, lease_id: str, refund: int) -> None:
+    async def _unlease(self, member: str, refund: int) -> None:
         try:
-            await self.call("refund", "unlease", lease_id, refund)
+            await self.call("refund", UNLEASE, member, refund)
         except (Exception, asyncio.CancelledError):
             # Sent with the next call instead (or, if there is none, the lease expires). The
             # task ends quietly: nobody awaits it, and a refund must never raise into a drop.
-            self.pending.append((lease_id, refund))
+            self.pending.append((member, refund))
 
     async def flush(self) -> None:
         """Wait for the refunds scheduled on this loop, and send those still pending."""
@@ -363,12 +395,12 @@ class Core:
         if mine:
             await asyncio.gather(*mine)
         if self.pending:
-            await self.call("flush", "snap")
+            await self.call("flush", SNAP)
 
     def flush_sync(self) -> None:
         """Send the pending refunds now."""
         if self.pending:
-            self.call_sync("flush_sync", "snap")
+            self.call_sync("flush_sync", SNAP)
 
     # -- waiting ------------------------------------------------------------------------------
 
@@ -476,6 +508,20 @@ class Core:
             self._leave(wake)
             if listener is not None:
                 listener.leave()
+
+
+async def _eval(client: Any, argv: tuple[object, ...]) -> Any:  # noqa: ANN401 - a reply
+    try:
+        return await client.execute_command("EVALSHA", SHA, *argv)
+    except NoScriptError:  # a restarted server, or SCRIPT FLUSH: EVAL caches it again
+        return await client.execute_command("EVAL", SCRIPT, *argv)
+
+
+def _eval_sync(client: Any, argv: tuple[object, ...]) -> Any:  # noqa: ANN401 - a reply
+    try:
+        return client.execute_command("EVALSHA", SHA, *argv)
+    except NoScriptError:
+        return client.execute_command("EVAL", SCRIPT, *argv)
 
 
 def _describe(kind: str, cap: str, rp: str, rq: str) -> str:
