@@ -118,11 +118,11 @@ def _run(awaitable: Awaitable[_T]) -> _T:
     return asyncio.run(_await(awaitable))
 
 
-def _refuse_on_a_loop(call: str) -> None:
+def _refuse_on_a_loop(call: str, instead: str = "async with costbound.admit(...)") -> None:
     if asyncio.events._get_running_loop() is not None:
         raise RuntimeError(
             f"{call}() was called on a thread that is running an event loop, which it would "
-            "block; use `async with costbound.admit(...)` instead"
+            f"block; use `{instead}` instead"
         )
 
 

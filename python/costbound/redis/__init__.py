@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass
 from fractions import Fraction
 from types import TracebackType
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from costbound._admit import _refuse_on_a_loop
 from costbound._reservation import TokenReservation
@@ -220,10 +220,14 @@ class RedisPermit:
         return f"<RedisPermit {self.cost} on {self._core.name!r}, {state}>"
 
 
-class _Request(Generic[_T]):
-    """What ``reserve`` / ``reserve_tokens`` return: awaitable, and an async context manager."""
+class _Request(Coroutine[Any, Any, _T]):
+    """What ``reserve`` / ``reserve_tokens`` return: awaitable, and an async context manager.
 
-    __slots__ = ("_acquire", "_exit", "_held")
+    It is a coroutine, so ``asyncio.create_task`` takes it; like one, it takes nothing until it
+    is awaited (and one never awaited takes nothing, without a warning).
+    """
+
+    __slots__ = ("_acquire", "_exit", "_held", "_running")
 
     def __init__(
         self,
@@ -233,9 +237,28 @@ class _Request(Generic[_T]):
         self._acquire = acquire
         self._exit = leave
         self._held: _T | None = None
+        self._running: Coroutine[Any, Any, _T] | None = None
+
+    def _coroutine(self) -> Coroutine[Any, Any, _T]:
+        if self._running is None:
+            self._running = self._acquire()
+        return self._running
 
     def __await__(self) -> Generator[Any, None, _T]:
-        return self._acquire().__await__()
+        return self._coroutine().__await__()
+
+    def send(self, value: Any) -> Any:  # noqa: ANN401 - the coroutine protocol
+        """Advance the wait (the coroutine protocol)."""
+        return self._coroutine().send(value)
+
+    def throw(self, *error: Any) -> Any:  # noqa: ANN401 - the coroutine protocol
+        """Raise into the wait (the coroutine protocol)."""
+        return self._coroutine().throw(*error)
+
+    def close(self) -> None:
+        """Close the wait if it started (the coroutine protocol)."""
+        if self._running is not None:
+            self._running.close()
 
     async def __aenter__(self) -> _T:
         self._held = await self._acquire()
@@ -399,7 +422,8 @@ class _RedisBase:
         return await core.wait(attempt, wanted, timeout)
 
     def _acquire_sync(self, method: str, wanted: int, timeout: float | None) -> Lease:
-        _refuse_on_a_loop(f"{type(self).__name__}.{method}")
+        waiting = method.removesuffix("_blocking")
+        _refuse_on_a_loop(f"{type(self).__name__}.{method}", f"await budget.{waiting}(...)")
         core = self._core
         if wanted > MAX_AMOUNT:
             raise ValueError(f"{wanted} is above every Redis budget's capacity: it can never fit")

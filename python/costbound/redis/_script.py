@@ -197,9 +197,19 @@ if op == 1 then -- take
 elseif op == 2 then -- lease
   local member, ttl = ARGV[a], tonumber(ARGV[a + 1])
   local amount = leased(member)
-  if v[5] < amount then return deny(amount) end
+  -- A grant sent again (a client retrying after a lost reply) is granted once.
+  if v[5] < amount then
+    if redis.call('ZSCORE', L, member) then
+      save()
+      return {1}
+    end
+    return deny(amount)
+  end
   local expiry = clock() + ttl
-  redis.call('ZADD', L, expiry, member)
+  if redis.call('ZADD', L, 'NX', expiry, member) == 0 then
+    save()
+    return {1}
+  end
   if v[10] == 0 or expiry < v[13] then v[13] = expiry end
   v[5], v[9], v[10], dirty = v[5] - amount, v[9] + amount, v[10] + 1, true
 elseif op == 3 then -- give
