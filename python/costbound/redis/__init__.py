@@ -295,7 +295,7 @@ class _RedisBase:
         owner = type(self).__name__
         capacity = amount(capacity, "capacity", self._MAX_CAPACITY)
         fraction = rate_fraction(rate)
-        lease_seconds = seconds(lease, "lease")
+        lease_seconds = seconds(lease, "lease", finite=True)
         if not lease_seconds:
             raise ValueError(f"lease must be a number of seconds > 0, got {lease}")
         self._core = Core(
@@ -372,7 +372,7 @@ class _RedisBase:
         return lease
 
     def _extend_args(self, held: object, duration: object, method: str) -> tuple[str, int]:
-        extra = seconds(duration, "seconds")
+        extra = seconds(duration, "seconds", finite=True)
         lease = self._held_lease(held, method)
         if lease.used:
             raise ValueError(f"{method}: the lease {lease.id} was already settled")

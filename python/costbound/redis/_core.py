@@ -69,15 +69,28 @@ def amount(value: object, name: str, maximum: int = _U64) -> int:
     return number
 
 
-def seconds(value: object, name: str, *, allow_none: bool = False) -> float | None:
-    """Check a number of seconds ``>= 0`` (or ``None`` when allowed) and return it."""
+def seconds(
+    value: object, name: str, *, allow_none: bool = False, finite: bool = False
+) -> float | None:
+    """Check a number of seconds ``>= 0`` (or ``None`` when allowed) and return it.
+
+    A ``finite`` duration (a lease) must be at most 10**9 s, so that its expiry stays exact in
+    the script; otherwise infinity means no limit (``None``).
+    """
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
     if not value >= 0 or math.isnan(value):
         raise ValueError(f"{name} must be a number of seconds >= 0, got {value}")
+    if finite and value > _LONGEST:
+        raise ValueError(f"{name} must be at most {_LONGEST:g} seconds, got {value}")
+    if math.isinf(value):
+        return None
     return float(value)
+
+
+_LONGEST: Final = 1e9
 
 
 def rate_fraction(rate: object) -> Fraction:
@@ -128,7 +141,10 @@ class Lease:
         leased: int,
         loop: asyncio.AbstractEventLoop | None,
     ) -> None:
-        self._budget = weakref.ref(budget)
+        # A strong reference: a weak one is cleared before a reference cycle that holds the
+        # reservation is collected, and its refund would be lost. The budget's core holds no
+        # lease, so this makes no cycle; it keeps the client a refund needs.
+        self._budget = budget
         self.name = budget.name
         self.id = lease_id
         self.amount = leased
@@ -157,9 +173,7 @@ class Lease:
         refund = amount(refund, "amount", self.amount)
         if not self.claim() or self._pid != _PID:
             return
-        budget = self._budget()
-        if budget is not None:
-            budget.unlease_later(self.member, refund, self._loop)
+        self._budget.unlease_later(self.member, refund, self._loop)
 
     def __repr__(self) -> str:
         return f"<Lease {self.id} of {self.amount}{' (settled)' if self._used else ''}>"
@@ -337,13 +351,14 @@ class Core:
                 reply = _eval_sync(client, self._argv(op, args, waiting, refunds, True))
         except _FAILURES as error:
             self._failed(method, refunds, error)
+        except _NotBlockingError:
+            self._failed(method, refunds, None)
+            raise TypeError(
+                f"{self.owner}.{method} needs sync_client= to be a blocking client (redis.Redis)"
+            ) from None
         except BaseException:
             self._failed(method, refunds, None)
             raise
-        if type(reply) is not list and hasattr(reply, "__await__"):
-            reply.close()
-            self._failed(method, refunds, None)
-            raise TypeError(f"{self.owner}.{method} needs sync_client= to be a blocking client")
         return self._verdict(reply)
 
     def need(self, which: str, what: str, method: str) -> NoReturn:
@@ -519,9 +534,17 @@ async def _eval(client: Any, argv: tuple[object, ...]) -> Any:  # noqa: ANN401 -
 
 def _eval_sync(client: Any, argv: tuple[object, ...]) -> Any:  # noqa: ANN401 - a reply
     try:
-        return client.execute_command("EVALSHA", SHA, *argv)
+        reply = client.execute_command("EVALSHA", SHA, *argv)
     except NoScriptError:
-        return client.execute_command("EVAL", SCRIPT, *argv)
+        reply = client.execute_command("EVAL", SCRIPT, *argv)
+    if hasattr(reply, "__await__"):  # an asyncio client given as the blocking one
+        reply.close()
+        raise _NotBlockingError
+    return reply
+
+
+class _NotBlockingError(Exception):
+    """The blocking client returned an awaitable."""
 
 
 def _describe(kind: str, cap: str, rp: str, rq: str) -> str:
