@@ -13,6 +13,7 @@ Not here: fleets of processes, SIGKILL, fork, server restarts, SCRIPT FLUSH and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import math
 import socket
@@ -1434,3 +1435,48 @@ def test_a_blocking_waiter_is_woken_by_another_process_through_pub_sub(
         child.stdin.close()
         assert child.wait(30.0) == 0
         child.stdout.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["tokens", "units"])
+async def test_a_reserve_cancelled_while_its_grant_is_in_flight_leaves_no_lease(
+    aclient, sclient, kind
+):
+    # The grant's reply is awaited under a shield: a cancellation that races it gives the grant
+    # back at once instead of leaving it to its lease (120 s here). The cancellation lands at
+    # every point from "not started" to "reply read", by the number of loop turns before it.
+    # (A client made with host and port retries, which moves where the cancellation lands.)
+    address = aclient.connection_pool.connection_kwargs
+    retrying = redis.asyncio.Redis(host=address["host"], port=address["port"])
+    try:
+        await _cancel_while_granting(retrying, sclient, kind)
+        await _cancel_while_granting(aclient, sclient, kind)
+    finally:
+        await retrying.aclose()
+
+
+async def _cancel_while_granting(aclient, sclient, kind):
+    for steps in range(16):
+        if kind == "tokens":
+            budget = RedisTokenBudget(unique("race"), 100, client=aclient, sync_client=sclient)
+            request = budget.reserve_tokens(40)
+        else:
+            budget = RedisBudget(unique("race"), 5, client=aclient, sync_client=sclient)
+            request = budget.reserve(2)
+        await budget.snapshot()  # attached: the request is one script call
+        task = asyncio.ensure_future(request)
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            held = await task  # the grant won the race: give it back the usual way
+            if isinstance(held, RedisPermit):
+                await held.release()
+            else:
+                await budget.record_usage(held, 0, 0)
+        await apoll_until(
+            lambda b=budget: b.snapshot_sync().outstanding == 0,
+            f"no lease left after a cancellation {steps} loop turns in",
+            timeout=10.0,
+        )
+        assert budget.snapshot_sync().available == budget.capacity

@@ -49,6 +49,7 @@ from costbound.redis._core import (
     new_id,
     rate_fraction,
     seconds,
+    shielded,
 )
 from costbound.redis._script import (
     EXTEND,
@@ -409,7 +410,8 @@ class _RedisBase:
         if wanted > MAX_AMOUNT:
             raise ValueError(f"{wanted} is above every Redis budget's capacity: it can never fit")
         if not core.queued():
-            verdict = await self._try_lease(method, wanted, False)
+            # Shielded: a cancellation that races the grant gives it back at once.
+            verdict = await shielded(lambda: self._try_lease(method, wanted, False))
             if isinstance(verdict, Lease):
                 return verdict
             check_fits(verdict, wanted)

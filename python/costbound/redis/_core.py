@@ -465,7 +465,7 @@ class Core:
             while True:
                 delay: float | None = None
                 if self._is_head(wake):
-                    verdict = await _shielded(loop, attempt)
+                    verdict = await shielded(attempt)
                     if isinstance(verdict, Lease):
                         return verdict
                     check_fits(verdict, wanted)
@@ -561,11 +561,9 @@ def check_fits(verdict: Denied, wanted: int) -> None:
         )
 
 
-async def _shielded(
-    loop: asyncio.AbstractEventLoop, attempt: Callable[[], Coroutine[Any, Any, Lease | Denied]]
-) -> Lease | Denied:
+async def shielded(attempt: Callable[[], Coroutine[Any, Any, Lease | Denied]]) -> Lease | Denied:
     """Run ``attempt`` so that a cancellation cannot lose a grant it raced: it is given back."""
-    task = loop.create_task(attempt())
+    task = asyncio.get_running_loop().create_task(attempt())
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
