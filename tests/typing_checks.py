@@ -67,7 +67,6 @@ async def waiting() -> int:
 async def fleet() -> int:
     import redis
     import redis.asyncio
-
     from costbound.redis import RedisBudget, RedisPermit, RedisReservation, RedisTokenBudget
 
     aclient = redis.asyncio.Redis.from_url("redis://127.0.0.1:6379/0")
