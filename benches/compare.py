@@ -455,6 +455,21 @@ def peer_token_throttle(ctx: Context) -> list[Row]:
     ctx.cleanups.append(sync_limiter.close)
     ctx.cleanups.append(lambda: ctx.run(async_limiter.aclose()))
 
+    note = "in-memory backend, 1e15 tokens/minute"
+    return _tt_rows((TT_SYNC, TT_ASYNC), sync_limiter, async_limiter, estimate, used, note=note)
+
+
+def _tt_rows(
+    names: tuple[str, str],
+    sync_limiter: Any,  # noqa: ANN401 (a module imported at run time)
+    async_limiter: Any,  # noqa: ANN401
+    estimate: Any,  # noqa: ANN401
+    used: Any,  # noqa: ANN401
+    *,
+    note: str,
+) -> list[Row]:
+    """token-throttle's acquire + refund pair, sync and async, on the limiters given."""
+
     def sync_pair(n: int) -> None:
         lim = sync_limiter
         for _ in repeat(None, n):
@@ -467,10 +482,9 @@ def peer_token_throttle(ctx: Context) -> list[Row]:
             r = await lim.acquire_capacity(estimate, model="bench")
             await lim.refund_capacity(used, r)
 
-    note = "in-memory backend, 1e15 tokens/minute"
     return [
-        Row(TT_SYNC, "peer", sync_pair, note=f"SyncRateLimiter, {note}"),
-        Row(TT_ASYNC, "peer", async_body=async_pair, note=f"RateLimiter, {note}"),
+        Row(names[0], "peer", sync_pair, note=f"SyncRateLimiter, {note}"),
+        Row(names[1], "peer", async_body=async_pair, note=f"RateLimiter, {note}"),
     ]
 
 
@@ -1278,23 +1292,8 @@ def peer_token_throttle_redis(ctx: Context, kit: RedisKit) -> list[Row]:
     kit.closers.append(sync_limiter.close)
     kit.closers.append(lambda: ctx.run(async_limiter.aclose()))
 
-    def sync_pair(n: int) -> None:
-        lim = sync_limiter
-        for _ in repeat(None, n):
-            r = lim.acquire_capacity(estimate, model="bench")
-            lim.refund_capacity(used, r)
-
-    async def async_pair(n: int) -> None:
-        lim = async_limiter
-        for _ in repeat(None, n):
-            r = await lim.acquire_capacity(estimate, model="bench")
-            await lim.refund_capacity(used, r)
-
     note = "Redis backend, 1e15 tokens/minute, the same clients"
-    return [
-        Row(TTR_SYNC, "peer", sync_pair, note=f"SyncRateLimiter, {note}"),
-        Row(TTR_ASYNC, "peer", async_body=async_pair, note=f"RateLimiter, {note}"),
-    ]
+    return _tt_rows((TTR_SYNC, TTR_ASYNC), sync_limiter, async_limiter, estimate, used, note=note)
 
 
 def redis_child_rows(ctx: Context, url: str) -> list[Row]:

@@ -446,6 +446,23 @@ class Core:
             with contextlib.suppress(IndexError):
                 queue[0]()
 
+    def _delay(
+        self, verdict: Denied | None, wanted: int, left: float | None, timeout: float | None
+    ) -> float | None:
+        """Give how long a waiter sleeps, and raise TimeoutError past the deadline.
+
+        The head of the line sleeps until the rate makes its amount fit, a poll at most.
+        """
+        delay = None
+        if verdict is not None:
+            check_fits(verdict, wanted)
+            delay = POLL_SECONDS if verdict.wait is None else min(verdict.wait, POLL_SECONDS)
+        if left is not None:
+            if left <= 0:
+                raise TimeoutError(f"no room in {self.name!r} within the timeout of {timeout} s")
+            delay = left if delay is None else min(delay, left)
+        return delay
+
     async def wait(
         self,
         attempt: Callable[[], Coroutine[Any, Any, Lease | Denied]],
@@ -463,23 +480,14 @@ class Core:
             if listener is not None:
                 await listener.ready()
             while True:
-                delay: float | None = None
+                verdict: Denied | None = None
                 if self._is_head(wake):
-                    verdict = await shielded(attempt)
-                    if isinstance(verdict, Lease):
-                        return verdict
-                    check_fits(verdict, wanted)
-                    delay = (
-                        POLL_SECONDS if verdict.wait is None else min(verdict.wait, POLL_SECONDS)
-                    )
-                if deadline is not None:
-                    left = deadline - loop.time()
-                    if left <= 0:
-                        raise TimeoutError(
-                            f"no room in {self.name!r} within the timeout of {timeout} s"
-                        )
-                    delay = left if delay is None else min(delay, left)
-                await signal.sleep(delay)
+                    got = await shielded(attempt)
+                    if isinstance(got, Lease):
+                        return got
+                    verdict = got
+                left = None if deadline is None else deadline - loop.time()
+                await signal.sleep(self._delay(verdict, wanted, left, timeout))
         finally:
             self._leave(wake)
             if listener is not None:
@@ -501,23 +509,14 @@ class Core:
             if listener is not None:
                 listener.ready_blocking()
             while True:
-                delay: float | None = None
+                verdict: Denied | None = None
                 if self._is_head(wake):
-                    verdict = attempt()
-                    if isinstance(verdict, Lease):
-                        return verdict
-                    check_fits(verdict, wanted)
-                    delay = (
-                        POLL_SECONDS if verdict.wait is None else min(verdict.wait, POLL_SECONDS)
-                    )
-                if deadline is not None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise TimeoutError(
-                            f"no room in {self.name!r} within the timeout of {timeout} s"
-                        )
-                    delay = left if delay is None else min(delay, left)
-                event.wait(delay)
+                    got = attempt()
+                    if isinstance(got, Lease):
+                        return got
+                    verdict = got
+                left = None if deadline is None else deadline - time.monotonic()
+                event.wait(self._delay(verdict, wanted, left, timeout))
                 event.clear()
         finally:
             self._leave(wake)
