@@ -1105,7 +1105,7 @@ async def test_a_reservation_outliving_its_budget_object_still_comes_back(aclien
     # since its drop: both come back at once, and no lease has to expire.
     name = unique("orphan")
     observer = RedisTokenBudget(name, 100, sync_client=sclient)
-    tb = RedisTokenBudget(name, 100, lease=0.3, client=aclient, sync_client=sclient)
+    tb = RedisTokenBudget(name, 100, lease=120.0, client=aclient, sync_client=sclient)
     on_loop = await tb.try_reserve_tokens(30)
     blocking = tb.try_reserve_tokens_sync(20)
     alive = weakref.ref(tb)
@@ -1118,7 +1118,7 @@ async def test_a_reservation_outliving_its_budget_object_still_comes_back(aclien
         await asyncio.sleep(0)
     assert hook.seen == []
     await apoll_until(
-        lambda: observer.snapshot_sync().outstanding == 0, "the orphans' leases were reclaimed"
+        lambda: observer.snapshot_sync().outstanding == 0, "the orphans' refunds landed"
     )
     snap = observer.snapshot_sync()
     assert (snap.available, snap.reclaimed) == (100, 0)
