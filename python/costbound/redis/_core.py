@@ -597,10 +597,10 @@ class _Listener:
     @classmethod
     def join_async(cls, core: Core, loop: asyncio.AbstractEventLoop) -> _Listener:
         with core.lock:
-            listener = core.listeners.get(loop)
-            fresh = listener is None or listener._stopped
-            if listener is None or listener._stopped:
-                listener = cls(core, loop)
+            found = core.listeners.get(loop)
+            fresh = found is None or found._stopped
+            listener = cls(core, loop) if fresh or found is None else found
+            if fresh:
                 core.listeners[loop] = listener
                 listener._future = loop.create_future()
             listener._users += 1
@@ -649,19 +649,21 @@ class _Listener:
     def ready_blocking(self) -> None:
         self._subscribed.wait(POLL_SECONDS)
 
+    def _heard(self, message: dict[str, Any] | None) -> None:
+        if message is None:
+            return
+        if message["type"] == "subscribe":
+            self._ready()
+        elif message["type"] == "message":
+            self._core.wake_head()
+
     async def _run_async(self) -> None:
         pubsub = None
         try:
             pubsub = self._core.client.pubsub()
             await pubsub.subscribe(self._core.channel)
             while not self._done():
-                message = await pubsub.get_message(timeout=0.2)
-                if message is None:
-                    continue
-                if message["type"] == "subscribe":
-                    self._ready()
-                elif message["type"] == "message":
-                    self._core.wake_head()
+                self._heard(await pubsub.get_message(timeout=0.2))
         except Exception:
             # No messages then: the waiters poll (and see a failure of the server themselves).
             self._stopped = True
@@ -677,13 +679,7 @@ class _Listener:
             pubsub = self._core.sync_client.pubsub()
             pubsub.subscribe(self._core.channel)
             while not self._done():
-                message = pubsub.get_message(timeout=0.2)
-                if message is None:
-                    continue
-                if message["type"] == "subscribe":
-                    self._ready()
-                elif message["type"] == "message":
-                    self._core.wake_head()
+                self._heard(pubsub.get_message(timeout=0.2))
         except Exception:
             self._stopped = True
         finally:
