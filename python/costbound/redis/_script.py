@@ -1,7 +1,7 @@
 """The one Lua script that every operation of a Redis budget runs (EVALSHA, else EVAL).
 
 Keys (one hash tag, so one cluster slot): ``{name}`` the state (one msgpack array: a GET and a
-SET cost a third of an HMGET and an HSET of its fields), ``{name}:leases`` a sorted
+SET cost less than half of an HMGET and an HSET of its fields), ``{name}:leases`` a sorted
 set of leases (member ``id|amount``, score the expiry in server microseconds), ``{name}:done``
 a sorted set of settled reservation ids (score: when the tombstone may go).
 
