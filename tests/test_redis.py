@@ -1480,3 +1480,34 @@ async def _cancel_while_granting(aclient, sclient, kind):
             timeout=10.0,
         )
         assert budget.snapshot_sync().available == budget.capacity
+
+
+def test_expired_tombstones_are_trimmed_64_a_settlement(sclient):
+    # A settled id is remembered TOMBSTONE_SECONDS (to answer a retried record_usage) and no
+    # longer: each settlement removes up to 64 expired tombstones once one is due. Fifteen
+    # minutes are simulated by ageing the tombstones and the budget's hint on the server.
+    tb = RedisTokenBudget(unique("tombstones"), 1_000, sync_client=sclient)
+    for _ in range(70):
+        tb.record_usage_sync(tb.try_reserve_tokens_sync(1), 1, 0)
+    done = tb.keys[2]
+    assert sclient.zcard(done) == 70
+    assert sclient.zscore(done, sclient.zrange(done, 0, 0)[0]) > time.time() * 1e6 + 800e6
+    sclient.eval(
+        """
+        local v = {cmsgpack.unpack(redis.call('GET', KEYS[1]))}
+        v[14] = 1
+        redis.call('SET', KEYS[1], cmsgpack.pack(unpack(v)))
+        for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+          redis.call('ZADD', KEYS[2], 1, id)
+        end
+        """,
+        2,
+        tb.keys[0],
+        done,
+    )
+    tb.record_usage_sync(tb.try_reserve_tokens_sync(1), 1, 0)
+    assert sclient.zcard(done) == 70 - 64 + 1
+    tb.record_usage_sync(tb.try_reserve_tokens_sync(1), 1, 0)  # the 6 left are due: gone
+    assert sclient.zcard(done) == 2
+    snap = tb.snapshot_sync()
+    assert (snap.available, snap.consumed, snap.outstanding) == (1_000 - 72, 72, 0)
