@@ -5,6 +5,7 @@ from costbound._atomic import AtomicBudget, AtomicTokenBudget, Permit, TokenRequ
 from costbound._errors import BackendError, BudgetError
 from costbound._protocols import BudgetGuard, TokenBudget
 from costbound._reservation import TokenRefund, TokenReservation
+from costbound._usage import BudgetExhausted, Usage, estimate_tokens, usage_of, usd
 
 __all__ = [
     "Admission",
@@ -12,6 +13,7 @@ __all__ = [
     "AtomicTokenBudget",
     "BackendError",
     "BudgetError",
+    "BudgetExhausted",
     "BudgetGuard",
     "Permit",
     "Ticket",
@@ -19,7 +21,11 @@ __all__ = [
     "TokenRefund",
     "TokenRequest",
     "TokenReservation",
+    "Usage",
     "admit",
     "admit_blocking",
+    "estimate_tokens",
     "try_admit",
+    "usage_of",
+    "usd",
 ]

@@ -1,0 +1,318 @@
+"""Usage, estimates and dollars (spec section 11): ``Usage``, ``usage_of``, ``estimate_tokens``,
+``usd``, ``BudgetExhausted`` and ``costbound.prices``.
+
+``usage_of`` is checked here on plain dicts and objects of each provider's shape, with the
+figures worked out by hand from each provider's convention (what its prompt count includes).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from decimal import Decimal
+from fractions import Fraction
+from types import SimpleNamespace
+
+import costbound
+import pytest
+from costbound import BudgetError, BudgetExhausted, Usage, estimate_tokens, usage_of, usd
+from costbound.prices import Price, PriceTable, price_of
+
+# --- Usage --------------------------------------------------------------------------------------
+
+
+def test_usage_total_and_validation():
+    u = Usage(prompt=120, completion=80, cached=100, cache_write=10, reasoning=30)
+    assert u.total == 200
+    assert Usage().total == 0
+    with pytest.raises(TypeError, match="prompt"):
+        Usage(prompt=1.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="cached"):
+        Usage(cached=True)
+    with pytest.raises(ValueError, match="completion"):
+        Usage(completion=-1)
+
+
+# --- usd ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dollars", "micro"),
+    [
+        (12.5, 12_500_000),
+        (50, 50_000_000),
+        (0.1, 100_000),  # read as the decimal 0.1, not 0.1000000000000000055...
+        (0.000001, 1),
+        ("19.99", 19_990_000),
+        (Decimal("0.0000005"), 0),  # half to even
+        (Decimal("0.0000015"), 2),
+        (Fraction(1, 3), 333_333),
+        (0, 0),
+    ],
+)
+def test_usd_is_micro_dollars(dollars, micro):
+    assert usd(dollars) == micro
+    assert type(usd(dollars)) is int
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        (-1, ValueError),
+        (float("nan"), ValueError),
+        (float("inf"), ValueError),
+        ("twelve", ValueError),
+        (True, TypeError),
+        (None, TypeError),
+        ([1], TypeError),
+    ],
+)
+def test_usd_refuses_what_is_not_an_amount(bad, error):
+    with pytest.raises(error, match="dollars"):
+        usd(bad)
+
+
+def test_a_dollar_budget_is_a_token_budget_in_micro_dollars():
+    dollars = costbound.AtomicTokenBudget(usd(50))
+    r = dollars.try_reserve_tokens_sync(usd(0.02))
+    dollars.record_usage_sync(r, usd(0.0125), 0)
+    assert dollars.consumed == 12_500
+    assert dollars.available == 50_000_000 - 12_500
+
+
+# --- BudgetExhausted ----------------------------------------------------------------------------
+
+
+def test_budget_exhausted_says_which_budget_and_how_much():
+    budget = costbound.AtomicBudget(1)
+    error = BudgetExhausted(budget, 5)
+    assert error.budget is budget
+    assert error.amount == 5
+    assert "5" in str(error)
+    assert isinstance(error, Exception)
+    assert not isinstance(error, BudgetError)  # the budget said no; nothing failed
+
+
+# --- estimate_tokens ----------------------------------------------------------------------------
+
+
+def test_a_plain_string_with_no_safety_is_exactly_tokenizer_plus_max_output():
+    def words(text: str) -> int:
+        return len(text.split())
+
+    text = "the quick brown fox jumps over the lazy dog"
+    assert estimate_tokens(text, max_output_tokens=512, tokenizer=words, safety=1.0) == 9 + 512
+    assert estimate_tokens(text, max_output_tokens=0, tokenizer=words, safety=1.0) == 9
+
+
+def test_without_a_tokenizer_a_token_is_four_characters_rounded_up():
+    assert estimate_tokens("abcde", max_output_tokens=0, safety=1.0) == 2
+    assert estimate_tokens("", max_output_tokens=7, safety=1.0) == 7
+    # times the safety margin, rounded up: 2 x 1.25 = 2.5 -> 3
+    assert estimate_tokens("abcde", max_output_tokens=0) == 3
+    assert estimate_tokens("x" * 400, max_output_tokens=100) == math.ceil(100 * 1.25) + 100
+
+
+def test_chat_messages_count_their_text_and_a_few_tokens_each():
+    messages = [
+        {"role": "system", "content": "x" * 40},
+        {"role": "user", "content": [{"type": "text", "text": "y" * 40}, {"type": "image_url"}]},
+        SimpleNamespace(role="assistant", content="z" * 40),  # an SDK message object
+        {"role": "user", "content": None},
+    ]
+    per_message = 4
+    expected_input = math.ceil(30 * 1.25) + per_message * 4
+    assert estimate_tokens(messages, max_output_tokens=256) == expected_input + 256
+    # a user tokenizer sees each message's text
+    seen: list[str] = []
+
+    def tokenizer(text: str) -> int:
+        seen.append(text)
+        return 10
+
+    assert estimate_tokens(messages, max_output_tokens=0, tokenizer=tokenizer, safety=1.0) == (
+        40 + per_message * 4
+    )
+    assert seen == ["x" * 40, "y" * 40, "z" * 40, ""]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "name"),
+    [
+        ({"max_output_tokens": -1}, ValueError, "max_output_tokens"),
+        ({"max_output_tokens": 1.5}, TypeError, "max_output_tokens"),
+        ({"max_output_tokens": 1, "safety": -0.5}, ValueError, "safety"),
+        ({"max_output_tokens": 1, "safety": "1"}, TypeError, "safety"),
+        ({"max_output_tokens": 1, "tokenizer": lambda text: -1}, ValueError, "tokenizer"),
+        ({"max_output_tokens": 1, "tokenizer": lambda text: 1.5}, TypeError, "tokenizer"),
+    ],
+)
+def test_estimate_tokens_refuses_bad_arguments(kwargs, error, name):
+    with pytest.raises(error, match=name):
+        estimate_tokens("hello", **kwargs)
+
+
+def test_estimate_tokens_refuses_a_prompt_it_cannot_read():
+    with pytest.raises(TypeError, match="prompt"):
+        estimate_tokens(42, max_output_tokens=1)
+
+
+# --- usage_of, one shape per provider --------------------------------------------------------
+
+OPENAI_CHAT = {
+    "prompt_tokens": 1_200,  # includes the cached 1,000
+    "completion_tokens": 300,  # includes the reasoning 200
+    "total_tokens": 1_500,
+    "prompt_tokens_details": {"cached_tokens": 1_000, "audio_tokens": 0},
+    "completion_tokens_details": {"reasoning_tokens": 200, "audio_tokens": 0},
+}
+OPENAI_RESPONSES = {
+    "input_tokens": 1_200,
+    "input_tokens_details": {"cached_tokens": 1_000},
+    "output_tokens": 300,
+    "output_tokens_details": {"reasoning_tokens": 200},
+    "total_tokens": 1_500,
+}
+ANTHROPIC = {
+    "input_tokens": 50,  # excludes the cache reads and writes
+    "cache_read_input_tokens": 1_000,
+    "cache_creation_input_tokens": 150,
+    "output_tokens": 300,
+}
+GEMINI = {
+    "prompt_token_count": 1_200,  # includes the cached content
+    "cached_content_token_count": 1_000,
+    "candidates_token_count": 100,  # excludes the thoughts
+    "thoughts_token_count": 200,
+    "tool_use_prompt_token_count": 20,
+    "total_token_count": 1_520,
+}
+LANGCHAIN = {
+    "input_tokens": 1_200,
+    "output_tokens": 300,
+    "total_tokens": 1_500,
+    "input_token_details": {"cache_read": 1_000, "cache_creation": 150},
+    "output_token_details": {"reasoning": 200},
+}
+PYDANTIC_AI = {
+    "input_tokens": 1_200,
+    "cache_read_tokens": 1_000,
+    "cache_write_tokens": 150,
+    "output_tokens": 300,
+    "details": {"reasoning_tokens": 200},
+}
+LITELLM_FROM_ANTHROPIC = {  # LiteLLM's OpenAI-shaped Usage, with Anthropic's cache counts
+    "prompt_tokens": 1_200,
+    "completion_tokens": 300,
+    "total_tokens": 1_500,
+    "prompt_tokens_details": None,
+    "cache_read_input_tokens": 1_000,
+    "cache_creation_input_tokens": 150,
+}
+
+SHAPES = {
+    "openai-chat": (OPENAI_CHAT, Usage(1_200, 300, cached=1_000, reasoning=200)),
+    "openai-responses": (OPENAI_RESPONSES, Usage(1_200, 300, cached=1_000, reasoning=200)),
+    "anthropic": (ANTHROPIC, Usage(1_200, 300, cached=1_000, cache_write=150)),
+    "gemini": (GEMINI, Usage(1_220, 300, cached=1_000, reasoning=200)),
+    "langchain": (LANGCHAIN, Usage(1_200, 300, cached=1_000, cache_write=150, reasoning=200)),
+    "pydantic-ai": (PYDANTIC_AI, Usage(1_200, 300, cached=1_000, cache_write=150, reasoning=200)),
+    "litellm": (LITELLM_FROM_ANTHROPIC, Usage(1_200, 300, cached=1_000, cache_write=150)),
+}
+
+
+def _as_object(value):
+    """The same shape as attributes, as an SDK's pydantic model gives them."""
+    if isinstance(value, dict):
+        return SimpleNamespace(**{key: _as_object(inner) for key, inner in value.items()})
+    return value
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=list(SHAPES))
+@pytest.mark.parametrize("form", ["dict", "object", "response dict", "response object"])
+def test_usage_of_reads_each_provider(shape, form):
+    usage, expected = SHAPES[shape]
+    if form == "object":
+        usage = _as_object(usage)
+    elif form == "response dict":
+        key = "usage_metadata" if shape in {"gemini", "langchain"} else "usage"
+        usage = {"id": "r1", key: usage}
+    elif form == "response object":
+        key = "usage_metadata" if shape in {"gemini", "langchain"} else "usage"
+        usage = SimpleNamespace(id="r1", content="hi", **{key: _as_object(usage)})
+    assert usage_of(usage) == expected
+
+
+def test_usage_of_calls_a_usage_method_and_passes_a_usage_through():
+    result = SimpleNamespace(usage=lambda: _as_object(PYDANTIC_AI))  # pydantic-ai's older API
+    assert usage_of(result).cache_write == 150
+    u = Usage(1, 2)
+    assert usage_of(u) is u
+
+
+def test_missing_details_count_as_zero():
+    assert usage_of({"prompt_tokens": 5, "completion_tokens": 7}) == Usage(5, 7)
+    assert usage_of({"input_tokens": 5, "output_tokens": 7}) == Usage(5, 7)
+    assert usage_of({"prompt_token_count": 5, "candidates_token_count": None}) == Usage(5, 0)
+
+
+@pytest.mark.parametrize("unknown", [{"tokens": 5}, "usage", 42, SimpleNamespace(usage=None)])
+def test_usage_of_names_what_it_cannot_read(unknown):
+    with pytest.raises(TypeError, match=type(unknown).__name__):
+        usage_of(unknown)
+
+
+def test_usage_of_refuses_negative_counts():
+    with pytest.raises(ValueError, match="prompt_tokens"):
+        usage_of({"prompt_tokens": -1, "completion_tokens": 0})
+
+
+# --- price_of -----------------------------------------------------------------------------------
+
+TABLE = PriceTable(
+    {
+        "my-model": Price(input=0.15, output=0.60, cached_input=0.075),
+        "writer": Price(input=3, output=15, cached_input=0.3, cache_write=3.75),
+    }
+)
+
+
+def test_price_of_from_a_table_by_hand():
+    # 200 fresh input x 0.15 + 1,000 cached x 0.075 + 300 output x 0.60 (USD per million):
+    # 30 + 75 + 180 = 285 micro-dollars.
+    assert price_of(OPENAI_CHAT, model="my-model", table=TABLE) == 285
+    # Anthropic's shape: 50 fresh x 3 + 1,000 read x 0.3 + 150 written x 3.75 + 300 x 15
+    # = 150 + 300 + 562.5 + 4,500 = 5,512.5 -> rounded up: 5,513.
+    assert price_of(ANTHROPIC, model="writer", table=TABLE) == 5_513
+    # no cached price: cached input costs the input price
+    assert price_of(Usage(10, 0, cached=10), model="x", table=PriceTable({"x": Price(1, 2)})) == 10
+    assert price_of(Usage(), model="my-model", table=TABLE) == 0
+
+
+def test_price_of_an_unknown_model_is_a_value_error_naming_it():
+    with pytest.raises(ValueError, match="nope"):
+        price_of(OPENAI_CHAT, model="nope", table=TABLE)
+
+
+def test_prices_refuse_bad_figures():
+    with pytest.raises(ValueError, match="input"):
+        Price(input=-1, output=1)
+    with pytest.raises(TypeError, match="output"):
+        Price(input=1, output="1")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Price"):
+        PriceTable({"m": (1, 2)})  # type: ignore[dict-item]
+
+
+def test_price_of_from_genai_prices():
+    usage = {"prompt_tokens": 1_000, "completion_tokens": 100}
+    usage["prompt_tokens_details"] = {"cached_tokens": 200}  # type: ignore[assignment]
+    if importlib.util.find_spec("genai_prices") is None:
+        # genai-prices needs Python 3.11 or later: the extra is not installed here.
+        with pytest.raises(ImportError, match="costbound\\[prices\\]"):
+            price_of(usage, model="gpt-4o-mini", provider="openai")
+        return
+    # gpt-4o-mini: 0.15 input, 0.075 cached input, 0.60 output USD per million tokens:
+    # 800 x 0.15 + 200 x 0.075 + 100 x 0.60 = 120 + 15 + 60 = 195 micro-dollars.
+    assert price_of(usage, model="gpt-4o-mini", provider="openai") == 195
+    with pytest.raises(ValueError, match="no-such-model"):
+        price_of(usage, model="no-such-model", provider="openai")
