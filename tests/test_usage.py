@@ -316,3 +316,157 @@ def test_price_of_from_genai_prices():
     assert price_of(usage, model="gpt-4o-mini", provider="openai") == 195
     with pytest.raises(ValueError, match="no-such-model"):
         price_of(usage, model="no-such-model", provider="openai")
+
+
+# --- usage_of on the installed SDKs' own types ------------------------------------------------
+# openai and anthropic install on every supported Python; google-genai and pydantic-ai need 3.11.
+
+SDK_MODULES = {
+    "openai": (3, 10),
+    "anthropic": (3, 10),
+    "google.genai": (3, 11),
+    "pydantic_ai": (3, 11),
+}
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def test_the_sdks_are_installed_where_they_support_this_python():
+    import sys
+
+    expected = {m for m, since in SDK_MODULES.items() if sys.version_info[:2] >= since}
+    assert {m for m in SDK_MODULES if _installed(m)} >= expected
+
+
+def _openai_cases():
+    from openai.types.chat import ChatCompletion
+    from openai.types.completion_usage import CompletionUsage
+    from openai.types.responses import ResponseUsage
+
+    chat = CompletionUsage(
+        prompt_tokens=1_200,
+        completion_tokens=300,
+        total_tokens=1_500,
+        prompt_tokens_details={"cached_tokens": 1_000, "cache_write_tokens": 50},
+        completion_tokens_details={"reasoning_tokens": 200},
+    )
+    completion = ChatCompletion.model_validate(
+        {
+            "id": "c1",
+            "object": "chat.completion",
+            "created": 1,
+            "model": "gpt-4o-mini",
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": "hi"},
+                }
+            ],
+            "usage": chat.model_dump(),
+        }
+    )
+    responses = ResponseUsage(
+        input_tokens=1_200,
+        input_tokens_details={"cached_tokens": 1_000, "cache_write_tokens": 50},
+        output_tokens=300,
+        output_tokens_details={"reasoning_tokens": 200},
+        total_tokens=1_500,
+    )
+    expected = Usage(1_200, 300, cached=1_000, cache_write=50, reasoning=200)
+    return [(chat, expected), (completion, expected), (responses, expected)]
+
+
+def _anthropic_cases():
+    from anthropic.types import Message
+    from anthropic.types import Usage as AnthropicUsage
+
+    usage = AnthropicUsage(
+        input_tokens=50,
+        cache_read_input_tokens=1_000,
+        cache_creation_input_tokens=150,
+        output_tokens=300,
+        output_tokens_details={"thinking_tokens": 200},
+    )
+    message = Message.model_validate(
+        {
+            "id": "m1",
+            "type": "message",
+            "role": "assistant",
+            "model": "claude-sonnet-4-5",
+            "content": [{"type": "text", "text": "hi"}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": {"input_tokens": 50, "output_tokens": 300, "cache_read_input_tokens": 1_000},
+        }
+    )
+    return [
+        (usage, Usage(1_200, 300, cached=1_000, cache_write=150, reasoning=200)),
+        (message, Usage(1_050, 300, cached=1_000)),
+    ]
+
+
+def _genai_cases():
+    from google.genai import types
+
+    metadata = types.GenerateContentResponseUsageMetadata(
+        prompt_token_count=1_200,
+        cached_content_token_count=1_000,
+        candidates_token_count=100,
+        thoughts_token_count=200,
+        tool_use_prompt_token_count=20,
+        total_token_count=1_520,
+    )
+    expected = Usage(1_220, 300, cached=1_000, reasoning=200)
+    return [
+        (metadata, expected),
+        (types.GenerateContentResponse(usage_metadata=metadata), expected),
+    ]
+
+
+def _pydantic_ai_cases():
+    from pydantic_ai.usage import RequestUsage, RunUsage
+
+    counts = {
+        "input_tokens": 1_200,
+        "cache_read_tokens": 1_000,
+        "cache_write_tokens": 150,
+        "output_tokens": 300,
+        "output_reasoning_tokens": 200,
+    }
+    expected = Usage(1_200, 300, cached=1_000, cache_write=150, reasoning=200)
+    return [(RequestUsage(**counts), expected), (RunUsage(requests=2, **counts), expected)]
+
+
+SDK_CASES = {
+    "openai": _openai_cases,
+    "anthropic": _anthropic_cases,
+    "google.genai": _genai_cases,
+    "pydantic_ai": _pydantic_ai_cases,
+}
+
+
+@pytest.mark.parametrize(
+    "module", [m for m in SDK_CASES if _installed(m)], ids=[m for m in SDK_CASES if _installed(m)]
+)
+def test_usage_of_reads_the_sdk_types(module):
+    for usage, expected in SDK_CASES[module]():
+        assert usage_of(usage) == expected, type(usage).__name__
+
+
+def test_importing_costbound_imports_no_sdk():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, costbound, costbound.prices; "
+        "print(sorted(m for m in ('openai', 'anthropic', 'google.genai', 'pydantic_ai', "
+        "'langchain_core', 'litellm', 'genai_prices', 'redis') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

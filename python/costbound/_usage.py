@@ -191,12 +191,15 @@ def _from_usage(usage: object) -> Usage | None:  # noqa: PLR0911 - one return pe
     if _has(usage, "prompt_tokens", "completion_tokens"):
         prompt_details = _get(usage, "prompt_tokens_details")
         completion_details = _get(usage, "completion_tokens_details")
-        cached = _int(prompt_details, "cached_tokens") if prompt_details is not None else 0
+        cached = written = 0
+        if prompt_details is not None:
+            cached = _int(prompt_details, "cached_tokens")
+            written = _int(prompt_details, "cache_write_tokens")
         return Usage(
             prompt=_int(usage, "prompt_tokens"),
             completion=_int(usage, "completion_tokens"),
             cached=cached or _int(usage, "cache_read_input_tokens"),
-            cache_write=_int(usage, "cache_creation_input_tokens"),
+            cache_write=written or _int(usage, "cache_creation_input_tokens"),
             reasoning=(
                 _int(completion_details, "reasoning_tokens")
                 if completion_details is not None
@@ -205,6 +208,10 @@ def _from_usage(usage: object) -> Usage | None:  # noqa: PLR0911 - one return pe
         )
     if not _has(usage, "input_tokens", "output_tokens"):
         return None
+    # Anthropic Usage: input_tokens excludes cache reads and writes, so they are added. (It has
+    # output_tokens_details too, so it is told from OpenAI's Responses by its cache fields.)
+    if _has(usage, "cache_read_input_tokens") or _has(usage, "cache_creation_input_tokens"):
+        return _anthropic(usage)
     # LangChain UsageMetadata: input includes cache reads and writes.
     if _has(usage, "input_token_details") or _has(usage, "output_token_details"):
         inputs = _get(usage, "input_token_details") or {}
@@ -224,9 +231,11 @@ def _from_usage(usage: object) -> Usage | None:  # noqa: PLR0911 - one return pe
             prompt=_int(usage, "input_tokens"),
             completion=_int(usage, "output_tokens"),
             cached=_int(inputs, "cached_tokens") if inputs is not None else 0,
+            cache_write=_int(inputs, "cache_write_tokens") if inputs is not None else 0,
             reasoning=_int(outputs, "reasoning_tokens") if outputs is not None else 0,
         )
-    # pydantic-ai RequestUsage / RunUsage: input includes cache reads and writes.
+    # pydantic-ai RequestUsage / RunUsage: input includes cache reads and writes, output the
+    # reasoning.
     if _has(usage, "cache_read_tokens") or _has(usage, "cache_write_tokens"):
         details = _get(usage, "details") or {}
         return Usage(
@@ -234,16 +243,21 @@ def _from_usage(usage: object) -> Usage | None:  # noqa: PLR0911 - one return pe
             completion=_int(usage, "output_tokens"),
             cached=_int(usage, "cache_read_tokens"),
             cache_write=_int(usage, "cache_write_tokens"),
-            reasoning=_int(details, "reasoning_tokens"),
+            reasoning=_int(usage, "output_reasoning_tokens") or _int(details, "reasoning_tokens"),
         )
-    # Anthropic Usage: input_tokens excludes cache reads and writes, so they are added.
+    return _anthropic(usage)  # input and output only: every convention agrees
+
+
+def _anthropic(usage: object) -> Usage:
     read = _int(usage, "cache_read_input_tokens")
     write = _int(usage, "cache_creation_input_tokens")
+    details = _get(usage, "output_tokens_details")
     return Usage(
         prompt=_int(usage, "input_tokens") + read + write,
-        completion=_int(usage, "output_tokens"),
+        completion=_int(usage, "output_tokens"),  # includes the thinking tokens
         cached=read,
         cache_write=write,
+        reasoning=_int(details, "thinking_tokens") if details is not None else 0,
     )
 
 
