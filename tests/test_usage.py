@@ -443,7 +443,23 @@ def _pydantic_ai_cases():
     return [(RequestUsage(**counts), expected), (RunUsage(requests=2, **counts), expected)]
 
 
+def _langchain_cases():
+    from langchain_core.messages import AIMessage
+
+    metadata = {
+        "input_tokens": 1_200,
+        "output_tokens": 300,
+        "total_tokens": 1_500,
+        "input_token_details": {"cache_read": 1_000, "cache_creation": 150},
+        "output_token_details": {"reasoning": 200},
+    }
+    message = AIMessage(content="hi", usage_metadata=metadata)
+    expected = Usage(1_200, 300, cached=1_000, cache_write=150, reasoning=200)
+    return [(message, expected), (message.usage_metadata, expected)]
+
+
 SDK_CASES = {
+    "langchain_core": _langchain_cases,
     "openai": _openai_cases,
     "anthropic": _anthropic_cases,
     "google.genai": _genai_cases,
