@@ -97,10 +97,19 @@ def _check_fits(parts: list[_Part]) -> None:
         budget = part.budget
         native = isinstance(budget, (_native.AtomicBudget, _native.AtomicTokenBudget))
         if native and part.amount > budget.capacity:
-            raise ValueError(
-                f"the amount {part.amount} for {budget!r} is above its capacity "
-                f"{budget.capacity}: it can never fit, so waiting for it would never end"
-            )
+            raise NeverFitsError(budget, part.amount)
+
+
+class NeverFitsError(ValueError):
+    """A waiting admission's part is above its budget's capacity: it can never fit."""
+
+    def __init__(self, budget: object, amount: int) -> None:
+        super().__init__(
+            f"the amount {amount} for {budget!r} is above its capacity: it can never fit, so "
+            "waiting for it would never end"
+        )
+        self.budget = budget
+        self.amount = amount
 
 
 def _refund(reservation: TokenReservation) -> None:
@@ -327,16 +336,23 @@ def _attempt_sync(parts: list[_Part], held: _Held) -> _Part | None:
     return None
 
 
-def _timed_out(timeout: float | None) -> TimeoutError:
-    return TimeoutError(f"could not admit every part within the timeout of {timeout} s")
+class AdmissionTimeoutError(TimeoutError):
+    """An admission's timeout ran out; ``budget`` and ``amount`` name the part it last lacked."""
+
+    def __init__(self, timeout: float | None, budget: object, amount: int) -> None:
+        super().__init__(f"could not admit every part within the timeout of {timeout} s")
+        self.budget = budget
+        self.amount = amount
 
 
-def _left(deadline: float | None, now: float, timeout: float | None) -> float | None:
+def _left(
+    deadline: float | None, now: float, timeout: float | None, blocker: _Part
+) -> float | None:
     """Seconds left before ``deadline`` (``None``: no deadline); ``TimeoutError`` if none."""
     if deadline is None:
         return None
     if deadline - now <= 0:
-        raise _timed_out(timeout)
+        raise AdmissionTimeoutError(timeout, blocker.budget, blocker.amount)
     return deadline - now
 
 
@@ -388,7 +404,7 @@ async def _admit(parts: list[_Part], timeout: float | None) -> Ticket:
                 if blocker is None:
                     return held.ticket()
                 await held.give_back()
-            left = _left(deadline, loop.time(), timeout)
+            left = _left(deadline, loop.time(), timeout, blocker)
             if signal is None:
                 # Watch first, then look again at once: no change after the watch goes unseen.
                 signal = _Signal(loop)
@@ -518,7 +534,7 @@ def admit_blocking(
                 if blocker is None:
                     return held.ticket()
                 held.give_back_sync()
-            left = _left(deadline, time.monotonic(), timeout)
+            left = _left(deadline, time.monotonic(), timeout, blocker)
             if woken is None:
                 woken = threading.Event()
                 watches = _watch_all(parts, woken.set)

@@ -1,0 +1,216 @@
+"""``Gate`` and ``Pass``: what every integration does around one model request.
+
+``Gate.enter`` estimates the request, takes every budget it needs at once (as ``admit`` does)
+within ``wait`` seconds, and gives a :class:`Pass`; or it raises ``BudgetExhausted`` naming the
+budget that denied, and the request must not be sent. The pass is then settled exactly once:
+
+- ``settle(usage)`` after a success: the reported usage on ``tokens``, its price on ``dollars``;
+- ``refund()`` after an error response (status 400 and above: the provider did not bill it);
+- ``settle_at_estimate()`` when the request was sent but its usage never arrived (a stream cut
+  or abandoned, a connection lost after sending): it was billed, so the estimate is charged.
+
+Each of them releases the guards. The ``_sync`` twins do the same with the budgets' blocking
+methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from costbound._admit import AdmissionTimeoutError, NeverFitsError, admit, admit_blocking
+from costbound._protocols import BudgetGuard, TokenBudget
+from costbound._reservation import TokenReservation
+from costbound._usage import BudgetExhausted, Usage, estimate_tokens, usage_of
+from costbound.prices import PriceTable, price_of
+
+__all__ = ["DEFAULT_MAX_OUTPUT_TOKENS", "Estimator", "Gate", "Pass"]
+
+#: The output bound of a request that sets none, when the gate sets none either.
+DEFAULT_MAX_OUTPUT_TOKENS = 4096
+
+Estimator = Callable[[object, int], int]
+"""``estimator(prompt, max_output_tokens)``: the tokens a request may use, output included."""
+
+
+class Gate:
+    """The budgets one kind of model request needs, and how to estimate it.
+
+    ``tokens`` is a ``TokenBudget`` of tokens, ``dollars`` one of micro-dollars (the request's
+    model is priced from ``prices``, or genai-prices when left out), ``guards`` maps each
+    ``BudgetGuard`` to its cost (a concurrency slot, a requests-per-minute budget). ``wait`` is
+    how long a request may wait for room (0: not at all). ``max_output_tokens`` bounds a request
+    that sets no bound of its own.
+    """
+
+    def __init__(
+        self,
+        *,
+        tokens: TokenBudget | None = None,
+        dollars: TokenBudget | None = None,
+        guards: Mapping[BudgetGuard, int] | None = None,
+        wait: float = 0.0,
+        max_output_tokens: int | None = None,
+        estimator: Estimator | None = None,
+        prices: PriceTable | None = None,
+    ) -> None:
+        if tokens is None and dollars is None and not guards:
+            raise ValueError("a gate needs tokens=, dollars= or guards=")
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)):
+            raise TypeError(f"wait must be a number of seconds, not {type(wait).__name__}")
+        if not wait >= 0:
+            raise ValueError(f"wait must be a number of seconds >= 0, got {wait}")
+        if max_output_tokens is not None:
+            estimate_tokens("", max_output_tokens=max_output_tokens)  # checks it
+        if prices is not None and not isinstance(prices, PriceTable):
+            raise TypeError(f"prices must be a PriceTable, not {type(prices).__name__}")
+        self.tokens = tokens
+        self.dollars = dollars
+        self.guards = dict(guards or {})
+        self.wait = float(wait)
+        self.max_output_tokens = max_output_tokens
+        self.estimator = estimator
+        self.prices = prices
+
+    def _plan(
+        self, model: str | None, prompt: object, max_output_tokens: int | None
+    ) -> tuple[dict[Any, int], int]:
+        """Work out the token parts to take (budget -> amount) and the token estimate."""
+        bound = max_output_tokens
+        if bound is None:
+            bound = self.max_output_tokens
+        if bound is None:
+            bound = DEFAULT_MAX_OUTPUT_TOKENS
+        if self.estimator is not None:
+            total = self.estimator(prompt, bound)
+            if isinstance(total, bool) or not isinstance(total, int) or total < 0:
+                raise ValueError(f"the estimator must return an int >= 0, got {total!r}")
+        else:
+            total = estimate_tokens(prompt, max_output_tokens=bound)
+        parts: dict[Any, int] = {}
+        if self.tokens is not None:
+            parts[self.tokens] = total
+        if self.dollars is not None:
+            if model is None:
+                raise ValueError("a gate with dollars= needs the request's model to price it")
+            worst = Usage(prompt=max(total - bound, 0), completion=min(bound, total))
+            parts[self.dollars] = price_of(worst, model=model, table=self.prices)
+        return parts, total
+
+    async def enter(
+        self, *, model: str | None, prompt: object, max_output_tokens: int | None = None
+    ) -> Pass:
+        """Take every budget the request needs, or raise ``BudgetExhausted``."""
+        parts, total = self._plan(model, prompt, max_output_tokens)
+        try:
+            ticket = await admit(guards=self.guards, tokens=parts, timeout=self.wait)
+        except (AdmissionTimeoutError, NeverFitsError) as denied:
+            raise BudgetExhausted(denied.budget, denied.amount) from None
+        return Pass(self, ticket.reservations, ticket, model, total)
+
+    def enter_sync(
+        self, *, model: str | None, prompt: object, max_output_tokens: int | None = None
+    ) -> Pass:
+        """Do what :meth:`enter` does, on a thread (with the budgets' blocking methods)."""
+        parts, total = self._plan(model, prompt, max_output_tokens)
+        try:
+            ticket = admit_blocking(guards=self.guards, tokens=parts, timeout=self.wait)
+        except (AdmissionTimeoutError, NeverFitsError) as denied:
+            raise BudgetExhausted(denied.budget, denied.amount) from None
+        return Pass(self, ticket.reservations, ticket, model, total)
+
+
+class Pass:
+    """One admitted request. Settle it once: ``settle``, ``refund`` or ``settle_at_estimate``."""
+
+    __slots__ = ("_gate", "_reservations", "_settled", "_ticket", "estimate", "model")
+
+    def __init__(
+        self,
+        gate: Gate,
+        reservations: Mapping[Any, TokenReservation],
+        ticket: Any,  # noqa: ANN401 - a costbound Ticket
+        model: str | None,
+        estimate: int,
+    ) -> None:
+        self._gate = gate
+        self._reservations = reservations
+        self._ticket = ticket
+        self.model = model
+        self.estimate = estimate
+        self._settled = False
+
+    @property
+    def settled(self) -> bool:
+        """Whether the pass was settled (or refunded)."""
+        return self._settled
+
+    def _claim(self) -> bool:
+        if self._settled:
+            return False
+        self._settled = True
+        return True
+
+    def _charges(self, usage: Usage | None) -> list[tuple[Any, TokenReservation, int, int]]:
+        """(budget, reservation, prompt, completion) to record: usage, or the estimates."""
+        gate, charges = self._gate, []
+        if gate.tokens is not None:
+            r = self._reservations[gate.tokens]
+            used = (usage.prompt, usage.completion) if usage is not None else (r.estimate, 0)
+            charges.append((gate.tokens, r, *used))
+        if gate.dollars is not None:
+            r = self._reservations[gate.dollars]
+            if usage is not None:  # the model was checked when the pass was made
+                price = price_of(usage, model=str(self.model), table=gate.prices)
+            else:
+                price = r.estimate
+            charges.append((gate.dollars, r, price, 0))
+        return charges
+
+    async def settle(self, usage: object) -> None:
+        """Charge what the provider reported (``usage_of(usage)``), release the guards."""
+        if self._claim():
+            await self._record(self._charges(usage_of(usage)))
+
+    async def settle_at_estimate(self) -> None:
+        """Charge the estimates (sent, but no usage arrived), release the guards."""
+        if self._claim():
+            await self._record(self._charges(None))
+
+    async def refund(self) -> None:
+        """Give everything back (the provider answered with an error), release the guards."""
+        if self._claim():
+            await self._ticket.close()
+
+    async def _record(self, charges: list[tuple[Any, TokenReservation, int, int]]) -> None:
+        try:
+            for budget, reservation, prompt, completion in charges:
+                await budget.record_usage(reservation, prompt, completion)
+        finally:
+            await self._ticket.close()
+
+    def settle_sync(self, usage: object) -> None:
+        """Do what :meth:`settle` does, with the budgets' blocking methods."""
+        if self._claim():
+            self._record_sync(self._charges(usage_of(usage)))
+
+    def settle_at_estimate_sync(self) -> None:
+        """Do what :meth:`settle_at_estimate` does, with the budgets' blocking methods."""
+        if self._claim():
+            self._record_sync(self._charges(None))
+
+    def refund_sync(self) -> None:
+        """Do what :meth:`refund` does, with the budgets' blocking methods."""
+        if self._claim():
+            self._ticket.close_sync()
+
+    def _record_sync(self, charges: list[tuple[Any, TokenReservation, int, int]]) -> None:
+        try:
+            for budget, reservation, prompt, completion in charges:
+                budget.record_usage_sync(reservation, prompt, completion)
+        finally:
+            self._ticket.close_sync()
+
+    def __repr__(self) -> str:
+        state = "settled" if self._settled else "open"
+        return f"<Pass {self.model or ''} estimate={self.estimate} {state}>".replace("  ", " ")
