@@ -504,6 +504,26 @@ async def try_admit(
     return None
 
 
+def take_now_sync(
+    guards: Mapping[BudgetGuard, int] | None, tokens: Mapping[TokenBudget, int] | None
+) -> Ticket:
+    """Take every part or none without waiting, with the blocking methods.
+
+    Nothing blocks, so any thread may call it. ``AdmissionTimeoutError`` names a denied part.
+    """
+    parts = _parts(guards, tokens)
+    held = _Held()
+    try:
+        blocker = _attempt_sync(parts, held)
+        if blocker is None:
+            return held.ticket()
+    except BaseException:
+        held.give_back_sync()
+        raise
+    held.give_back_sync()
+    raise AdmissionTimeoutError(0.0, blocker.budget, blocker.amount)
+
+
 def admit_blocking(
     *,
     guards: Mapping[BudgetGuard, int] | None = None,

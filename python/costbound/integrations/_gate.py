@@ -18,7 +18,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from costbound._admit import AdmissionTimeoutError, NeverFitsError, admit, admit_blocking
+from costbound._admit import (
+    AdmissionTimeoutError,
+    NeverFitsError,
+    admit,
+    admit_blocking,
+    take_now_sync,
+)
 from costbound._protocols import BudgetGuard, TokenBudget
 from costbound._reservation import TokenReservation
 from costbound._usage import BudgetExhausted, Usage, estimate_tokens, usage_of
@@ -114,7 +120,10 @@ class Gate:
         """Do what :meth:`enter` does, on a thread (with the budgets' blocking methods)."""
         parts, total = self._plan(model, prompt, max_output_tokens)
         try:
-            ticket = admit_blocking(guards=self.guards, tokens=parts, timeout=self.wait)
+            if self.wait == 0:  # nothing to wait for: fine on any thread, even a loop's
+                ticket = take_now_sync(self.guards, parts)
+            else:
+                ticket = admit_blocking(guards=self.guards, tokens=parts, timeout=self.wait)
         except (AdmissionTimeoutError, NeverFitsError) as denied:
             raise BudgetExhausted(denied.budget, denied.amount) from None
         return Pass(self, ticket.reservations, ticket, model, total)
