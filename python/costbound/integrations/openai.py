@@ -10,14 +10,14 @@ usage (``stream_options={"include_usage": True}``).
 
 from __future__ import annotations
 
-import functools
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import openai
 
 from costbound._protocols import BudgetGuard, TokenBudget
-from costbound.integrations._gate import Estimator, Gate, Pass
+from costbound.integrations._gate import Estimator, Gate
+from costbound.integrations._streams import Sdk, gated_async, gated_sync
 from costbound.prices import PriceTable
 
 __all__ = ["guard"]
@@ -46,11 +46,15 @@ def guard(
         estimator=estimator,
         prices=prices,
     )
-    wrap = _wrap_async if isinstance(client, openai.AsyncOpenAI) else _wrap_sync
+    if isinstance(client, openai.AsyncOpenAI):
+        wrap, stream = gated_async, openai.AsyncStream
+    else:
+        wrap, stream = gated_sync, openai.Stream
+    sdk = Sdk(stream, openai.APIStatusError, _LastUsage, _usage_in)
     completions = client.chat.completions
-    completions.create = wrap(gate, completions.create, _chat_request)  # type: ignore[method-assign]
+    completions.create = wrap(gate, sdk, completions.create, _chat_request)  # type: ignore[method-assign]
     responses = client.responses
-    responses.create = wrap(gate, responses.create, _responses_request)  # type: ignore[method-assign]
+    responses.create = wrap(gate, sdk, responses.create, _responses_request)  # type: ignore[method-assign]
     return client
 
 
@@ -87,130 +91,13 @@ def _usage_in(item: object) -> object | None:
     return None
 
 
-_Request = Callable[[dict[str, Any]], tuple[object, "int | None"]]
+class _LastUsage:
+    """A chat stream's usage comes in its last chunk; a Responses stream's with its end."""
 
+    def __init__(self) -> None:
+        self.usage: object | None = None
 
-def _wrap_sync(gate: Gate, create: Callable[..., Any], request: _Request) -> Callable[..., Any]:
-    @functools.wraps(create)
-    def gated(*args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - the SDK's own types
-        prompt, bound = request(kwargs)
-        passed = gate.enter_sync(model=kwargs.get("model"), prompt=prompt, max_output_tokens=bound)
-        try:
-            response = create(*args, **kwargs)
-        except openai.APIStatusError:
-            passed.refund_sync()  # an error status: not billed
-            raise
-        except BaseException:
-            passed.settle_at_estimate_sync()  # it may have gone out: counted as billed
-            raise
-        if isinstance(response, openai.Stream):
-            return _SyncStream(response, passed)
-        _settle_sync(passed, _usage_in(response))
-        return response
-
-    return gated
-
-
-def _wrap_async(gate: Gate, create: Callable[..., Any], request: _Request) -> Callable[..., Any]:
-    @functools.wraps(create)
-    async def gated(*args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - the SDK's own types
-        prompt, bound = request(kwargs)
-        passed = await gate.enter(model=kwargs.get("model"), prompt=prompt, max_output_tokens=bound)
-        try:
-            response = await create(*args, **kwargs)
-        except openai.APIStatusError:
-            await passed.refund()
-            raise
-        except BaseException:
-            await passed.settle_at_estimate()
-            raise
-        if isinstance(response, openai.AsyncStream):
-            return _AsyncStream(response, passed)
-        await _settle(passed, _usage_in(response))
-        return response
-
-    return gated
-
-
-def _settle_sync(passed: Pass, usage: object | None) -> None:
-    if usage is None:
-        passed.settle_at_estimate_sync()
-    else:
-        passed.settle_sync(usage)
-
-
-async def _settle(passed: Pass, usage: object | None) -> None:
-    if usage is None:
-        await passed.settle_at_estimate()
-    else:
-        await passed.settle(usage)
-
-
-class _SyncStream:
-    """The SDK's stream, watched for its usage; settled when it ends, fails or is closed."""
-
-    def __init__(self, stream: openai.Stream[Any], passed: Pass) -> None:
-        self._stream = stream
-        self._passed = passed
-        self._usage: object | None = None
-
-    def __iter__(self) -> Iterator[Any]:
-        try:
-            for item in self._stream:
-                usage = _usage_in(item)
-                if usage is not None:
-                    self._usage = usage
-                yield item
-        finally:
-            _settle_sync(self._passed, self._usage)
-
-    def close(self) -> None:
-        """Close the stream; what was not reported is charged at the estimate."""
-        try:
-            self._stream.close()
-        finally:
-            _settle_sync(self._passed, self._usage)
-
-    def __enter__(self) -> _SyncStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - the SDK stream's attributes
-        return getattr(self._stream, name)
-
-
-class _AsyncStream:
-    """The async twin of :class:`_SyncStream`."""
-
-    def __init__(self, stream: openai.AsyncStream[Any], passed: Pass) -> None:
-        self._stream = stream
-        self._passed = passed
-        self._usage: object | None = None
-
-    async def __aiter__(self) -> AsyncIterator[Any]:
-        try:
-            async for item in self._stream:
-                usage = _usage_in(item)
-                if usage is not None:
-                    self._usage = usage
-                yield item
-        finally:
-            await _settle(self._passed, self._usage)
-
-    async def close(self) -> None:
-        """Close the stream; what was not reported is charged at the estimate."""
-        try:
-            await self._stream.close()
-        finally:
-            await _settle(self._passed, self._usage)
-
-    async def __aenter__(self) -> _AsyncStream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - the SDK stream's attributes
-        return getattr(self._stream, name)
+    def see(self, item: object) -> None:
+        usage = _usage_in(item)
+        if usage is not None:
+            self.usage = usage

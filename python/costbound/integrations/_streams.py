@@ -1,0 +1,171 @@
+"""One gated SDK call, and a provider's stream watched for its usage.
+
+A gated call enters the gate (or raises ``BudgetExhausted`` and sends nothing), makes the call,
+and settles: refunded on the SDK's error-status exception, at the estimate on any other
+failure (the request may have gone out), at the response's usage on success. A stream is
+settled once when it ends, fails or is closed: at its usage if it came, else at the estimate.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from costbound.integrations._gate import Gate, Pass
+
+__all__ = ["AsyncStream", "Sdk", "SyncStream", "Watcher", "gated_async", "gated_sync", "settle"]
+
+#: Reads a request's keyword arguments: its prompt and its output bound (it may add options).
+Request = Callable[[dict[str, Any]], tuple[object, "int | None"]]
+
+
+class Watcher(Protocol):
+    """Sees every item of a stream; ``usage`` is its complete usage, or None until then."""
+
+    usage: object | None
+
+    def see(self, item: object) -> None: ...
+
+
+@dataclass(frozen=True)
+class Sdk:
+    """What a gated call needs to know of one SDK."""
+
+    stream: type[Any]  # the class of the streams its calls return
+    status_error: type[BaseException]  # raised for an error status: nothing was billed
+    watcher: Callable[[], Watcher]  # watches one stream for its usage
+    usage_in: Callable[[object], object | None]  # the usage of a whole response
+
+
+def gated_sync(
+    gate: Gate, sdk: Sdk, call: Callable[..., Any], request: Request
+) -> Callable[..., Any]:
+    """``call`` gated: the budgets first, then the call, then the settlement."""
+
+    @functools.wraps(call)
+    def gated(*args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - the SDK's own types
+        prompt, bound = request(kwargs)
+        passed = gate.enter_sync(model=kwargs.get("model"), prompt=prompt, max_output_tokens=bound)
+        try:
+            response = call(*args, **kwargs)
+        except sdk.status_error:
+            passed.refund_sync()
+            raise
+        except BaseException:
+            passed.settle_at_estimate_sync()
+            raise
+        if isinstance(response, sdk.stream):
+            return SyncStream(response, passed, sdk.watcher())
+        settle_sync(passed, sdk.usage_in(response))
+        return response
+
+    return gated
+
+
+def gated_async(
+    gate: Gate, sdk: Sdk, call: Callable[..., Any], request: Request
+) -> Callable[..., Any]:
+    """Gate an async ``call`` as :func:`gated_sync` gates a blocking one."""
+
+    @functools.wraps(call)
+    async def gated(*args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - the SDK's own types
+        prompt, bound = request(kwargs)
+        passed = await gate.enter(model=kwargs.get("model"), prompt=prompt, max_output_tokens=bound)
+        try:
+            response = await call(*args, **kwargs)
+        except sdk.status_error:
+            await passed.refund()
+            raise
+        except BaseException:
+            await passed.settle_at_estimate()
+            raise
+        if isinstance(response, sdk.stream):
+            return AsyncStream(response, passed, sdk.watcher())
+        await settle(passed, sdk.usage_in(response))
+        return response
+
+    return gated
+
+
+def settle_sync(passed: Pass, usage: object | None) -> None:
+    """Settle at ``usage``, or at the estimate when none arrived (the request was billed)."""
+    if usage is None:
+        passed.settle_at_estimate_sync()
+    else:
+        passed.settle_sync(usage)
+
+
+async def settle(passed: Pass, usage: object | None) -> None:
+    """Do what :func:`settle_sync` does, with the budgets' async methods."""
+    if usage is None:
+        await passed.settle_at_estimate()
+    else:
+        await passed.settle(usage)
+
+
+class SyncStream:
+    """The SDK's stream, watched; settled at its usage when it ends, else at the estimate."""
+
+    def __init__(self, stream: Any, passed: Pass, watcher: Watcher) -> None:  # noqa: ANN401
+        self._stream = stream
+        self._passed = passed
+        self._watcher = watcher
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            for item in self._stream:
+                self._watcher.see(item)
+                yield item
+        finally:
+            settle_sync(self._passed, self._watcher.usage)
+
+    def close(self) -> None:
+        """Close the stream; what was not reported is charged at the estimate."""
+        try:
+            self._stream.close()
+        finally:
+            settle_sync(self._passed, self._watcher.usage)
+
+    def __enter__(self) -> SyncStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - the SDK stream's attributes
+        return getattr(self._stream, name)
+
+
+class AsyncStream:
+    """Watch an async stream as :class:`SyncStream` watches a blocking one."""
+
+    def __init__(self, stream: Any, passed: Pass, watcher: Watcher) -> None:  # noqa: ANN401
+        self._stream = stream
+        self._passed = passed
+        self._watcher = watcher
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        try:
+            async for item in self._stream:
+                self._watcher.see(item)
+                yield item
+        finally:
+            await settle(self._passed, self._watcher.usage)
+
+    async def close(self) -> None:
+        """Close the stream; what was not reported is charged at the estimate."""
+        try:
+            await self._stream.close()
+        finally:
+            await settle(self._passed, self._watcher.usage)
+
+    async def __aenter__(self) -> AsyncStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - the SDK stream's attributes
+        return getattr(self._stream, name)
