@@ -1,0 +1,203 @@
+"""Gate an ``Anthropic`` or ``AsyncAnthropic`` client: ``guard(client, tokens=..., ...)``.
+
+``messages.create`` (streamed or not) and ``messages.stream`` then take their budgets before the
+request goes out (or raise ``BudgetExhausted`` and send nothing) and settle after it: at the
+usage the message reports (input, cache reads and writes, output); everything refunded on an
+error status; at the estimate when the stream ended before its final usage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Any, TypeVar
+
+import anthropic
+
+from costbound._protocols import BudgetGuard, TokenBudget
+from costbound.integrations._gate import Estimator, Gate, Pass
+from costbound.integrations._streams import Sdk, gated_async, gated_sync, settle, settle_sync
+from costbound.prices import PriceTable
+
+__all__ = ["guard"]
+
+_C = TypeVar("_C", anthropic.Anthropic, anthropic.AsyncAnthropic)
+
+
+def guard(
+    client: _C,
+    *,
+    tokens: TokenBudget | None = None,
+    dollars: TokenBudget | None = None,
+    guards: Mapping[BudgetGuard, int] | None = None,
+    wait: float = 0.0,
+    max_output_tokens: int | None = None,
+    estimator: Estimator | None = None,
+    prices: PriceTable | None = None,
+) -> _C:
+    """Gate ``client``'s ``messages.create`` and ``messages.stream``; return the same client."""
+    gate = Gate(
+        tokens=tokens,
+        dollars=dollars,
+        guards=guards,
+        wait=wait,
+        max_output_tokens=max_output_tokens,
+        estimator=estimator,
+        prices=prices,
+    )
+    messages = client.messages
+    if isinstance(client, anthropic.AsyncAnthropic):
+        sdk = Sdk(anthropic.AsyncStream, anthropic.APIStatusError, _MessageUsage, _usage_in)
+        messages.create = gated_async(gate, sdk, messages.create, _request)  # type: ignore[method-assign]
+        messages.stream = _gated_stream(gate, messages.stream, _AsyncStreamManager)  # type: ignore[method-assign]
+    else:
+        sdk = Sdk(anthropic.Stream, anthropic.APIStatusError, _MessageUsage, _usage_in)
+        messages.create = gated_sync(gate, sdk, messages.create, _request)  # type: ignore[method-assign]
+        messages.stream = _gated_stream(gate, messages.stream, _StreamManager)  # type: ignore[method-assign]
+    return client
+
+
+def _request(kwargs: dict[str, Any]) -> tuple[object, int | None]:
+    """Read a request's prompt (the system prompt and the messages) and ``max_tokens``."""
+    prompt: list[object] = []
+    system = kwargs.get("system")
+    if isinstance(system, str):
+        prompt.append({"content": system})
+    elif system:
+        prompt.append({"content": list(system)})
+    prompt.extend(kwargs.get("messages", []))
+    return prompt, kwargs.get("max_tokens")
+
+
+def _usage_in(message: object) -> object | None:
+    usage: object | None = getattr(message, "usage", None)
+    return usage
+
+
+def _fields(usage: object) -> dict[str, Any]:
+    dump = getattr(usage, "model_dump", None)
+    fields: dict[str, Any] = dump() if callable(dump) else dict(usage or {})  # type: ignore[call-overload]
+    return fields
+
+
+class _MessageUsage:
+    """Gather a raw event stream's usage, complete at ``message_stop``.
+
+    The input counts come with ``message_start``, the output's running total with each
+    ``message_delta``.
+    """
+
+    def __init__(self) -> None:
+        self._counts: dict[str, Any] = {}
+        self.usage: object | None = None
+
+    def see(self, event: object) -> None:
+        kind = getattr(event, "type", None)
+        if kind == "message_start":
+            self._counts = _fields(getattr(getattr(event, "message", None), "usage", None))
+        elif kind == "message_delta":
+            delta = _fields(getattr(event, "usage", None))
+            self._counts.update({key: value for key, value in delta.items() if value is not None})
+        elif kind == "message_stop":
+            self.usage = dict(self._counts)
+
+
+def _final_usage(stream: object) -> object | None:
+    """Read the usage of a ``MessageStream`` that got its final message delta, else None."""
+    try:
+        snapshot = stream.current_message_snapshot  # type: ignore[attr-defined]
+    except (AssertionError, AttributeError):  # no message started: nothing was reported
+        return None
+    if getattr(snapshot, "stop_reason", None) is None:
+        return None  # cut before the final delta: its output count is not final
+    return _usage_in(snapshot)
+
+
+def _gated_stream(
+    gate: Gate, stream: Callable[..., Any], manager: type[_StreamManager | _AsyncStreamManager]
+) -> Callable[..., Any]:
+    def gated(**kwargs: object) -> _StreamManager | _AsyncStreamManager:
+        return manager(gate, stream(**kwargs), kwargs)
+
+    return gated
+
+
+class _StreamManager:
+    """Gate ``messages.stream(...)``: take the budgets on entering, settle on leaving.
+
+    The request goes out when the block is entered.
+    """
+
+    def __init__(self, gate: Gate, manager: Any, kwargs: dict[str, Any]) -> None:  # noqa: ANN401
+        self._gate = gate
+        self._manager = manager
+        self._kwargs = kwargs
+        self._passed: Pass | None = None
+        self._stream: Any = None
+
+    def __enter__(self) -> Any:  # noqa: ANN401 - the SDK's MessageStream
+        prompt, bound = _request(self._kwargs)
+        passed = self._gate.enter_sync(
+            model=self._kwargs.get("model"), prompt=prompt, max_output_tokens=bound
+        )
+        try:
+            self._stream = self._manager.__enter__()
+        except anthropic.APIStatusError:
+            passed.refund_sync()
+            raise
+        except BaseException:
+            passed.settle_at_estimate_sync()
+            raise
+        self._passed = passed
+        return self._stream
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            self._manager.__exit__(kind, value, traceback)
+        finally:
+            if self._passed is not None:
+                settle_sync(self._passed, _final_usage(self._stream))
+
+
+class _AsyncStreamManager:
+    """Gate ``messages.stream(...)`` of an async client, as :class:`_StreamManager` does."""
+
+    def __init__(self, gate: Gate, manager: Any, kwargs: dict[str, Any]) -> None:  # noqa: ANN401
+        self._gate = gate
+        self._manager = manager
+        self._kwargs = kwargs
+        self._passed: Pass | None = None
+        self._stream: Any = None
+
+    async def __aenter__(self) -> Any:  # noqa: ANN401 - the SDK's AsyncMessageStream
+        prompt, bound = _request(self._kwargs)
+        passed = await self._gate.enter(
+            model=self._kwargs.get("model"), prompt=prompt, max_output_tokens=bound
+        )
+        try:
+            self._stream = await self._manager.__aenter__()
+        except anthropic.APIStatusError:
+            await passed.refund()
+            raise
+        except BaseException:
+            await passed.settle_at_estimate()
+            raise
+        self._passed = passed
+        return self._stream
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            await self._manager.__aexit__(kind, value, traceback)
+        finally:
+            if self._passed is not None:
+                await settle(self._passed, _final_usage(self._stream))

@@ -1,0 +1,256 @@
+"""``costbound.integrations.anthropic.guard`` with the real Anthropic SDK, offline (spec 11).
+
+The SDK's clients run against a ``MockTransport`` (of the httpx flavour the SDK uses) serving
+canned JSON and server-sent events, so the SDK's own parsing runs. Anthropic's ``input_tokens``
+leaves out cache reads and writes: the settlement adds them. For the sync and the async client,
+``messages.create`` (plain and streamed) and ``messages.stream``: a success settles exactly the
+reported usage; a stream at its final usage; a stream cut before its final delta at the
+estimate; a 429 or 500 refunds everything; a denial raises ``BudgetExhausted`` and the
+transport sees no request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+
+import pytest
+from costbound import AtomicBudget, AtomicTokenBudget, BudgetExhausted
+
+anthropic = pytest.importorskip("anthropic")  # installed on every supported Python (test.txt)
+from costbound.integrations.anthropic import guard  # noqa: E402
+from costbound.prices import Price, PriceTable  # noqa: E402
+
+httpx = importlib.import_module(
+    anthropic.DefaultAsyncHttpxClient.__mro__[1].__module__.split(".")[0]
+)
+
+TABLE = PriceTable({"claude-test": Price(input=1, output=4, cached_input=0.5, cache_write=2)})
+MESSAGES = [{"role": "user", "content": "x" * 400}]  # 100 x 1.25 + 4 = 129 input tokens
+ESTIMATE = 129 + 100  # max_tokens=100
+ESTIMATE_PRICE = 129 * 1 + 100 * 4
+USAGE = {
+    "input_tokens": 50,
+    "cache_read_input_tokens": 1_000,
+    "cache_creation_input_tokens": 150,
+    "output_tokens": 300,
+}
+TOTAL = 50 + 1_000 + 150 + 300
+PRICE = 50 * 1 + 1_000 * 0.5 + 150 * 2 + 300 * 4  # 2,050 micro-dollars
+
+
+def message_json():
+    return {
+        "id": "m1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-test",
+        "content": [{"type": "text", "text": "ok"}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": USAGE,
+    }
+
+
+def message_sse(cut=False):
+    start = {**message_json(), "content": [], "stop_reason": None}
+    start["usage"] = {**USAGE, "output_tokens": 1}
+    events = [
+        ("message_start", {"type": "message_start", "message": start}),
+        (
+            "content_block_start",
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            },
+        ),
+        (
+            "content_block_delta",
+            {
+                "type": "content_block_delta",
+                "index": 0,
+                "delta": {"type": "text_delta", "text": "ok"},
+            },
+        ),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+    ]
+    if not cut:
+        events += [
+            (
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                    "usage": {"output_tokens": 300},
+                },
+            ),
+            ("message_stop", {"type": "message_stop"}),
+        ]
+    return "".join(f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events)
+
+
+class Server:
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+        self.status = 200
+        self.cut = False
+
+    def __call__(self, request):
+        body = json.loads(request.content or b"{}")
+        self.requests.append(body)
+        if self.status != 200:
+            error = {"type": "error", "error": {"type": "overloaded_error", "message": "no"}}
+            return httpx.Response(self.status, json=error)
+        if body.get("stream"):
+            return httpx.Response(
+                200, text=message_sse(self.cut), headers={"content-type": "text/event-stream"}
+            )
+        return httpx.Response(200, json=message_json())
+
+
+def make(kind, server, **gate):
+    transport = httpx.MockTransport(server)
+    if kind == "async":
+        client = anthropic.AsyncAnthropic(
+            api_key="k", max_retries=0, http_client=httpx.AsyncClient(transport=transport)
+        )
+    else:
+        client = anthropic.Anthropic(
+            api_key="k", max_retries=0, http_client=httpx.Client(transport=transport)
+        )
+    return guard(client, **gate)
+
+
+@pytest.fixture
+def budgets():
+    return AtomicTokenBudget(100_000), AtomicTokenBudget(1_000_000), AtomicBudget(4)
+
+
+def gate_for(budgets):
+    tokens, dollars, slots = budgets
+    return {"tokens": tokens, "dollars": dollars, "guards": {slots: 1}, "prices": TABLE}
+
+
+REQUEST = {"model": "claude-test", "max_tokens": 100, "messages": MESSAGES}
+KINDS = ["sync", "async"]
+
+
+async def create(kind, client, **extra):
+    if kind == "async":
+        return await client.messages.create(**REQUEST, **extra)
+    return await asyncio.to_thread(lambda: client.messages.create(**REQUEST, **extra))
+
+
+async def drain(kind, stream):
+    if kind == "async":
+        return [event.type async for event in stream]
+    return await asyncio.to_thread(lambda: [event.type for event in stream])
+
+
+async def open_stream(kind, client):
+    if kind == "async":
+        async with client.messages.stream(**REQUEST):
+            pass
+    else:
+
+        def enter():
+            with client.messages.stream(**REQUEST):
+                pass
+
+        await asyncio.to_thread(enter)
+
+
+def check(budgets, consumed, price, slots_free=4):
+    tokens, dollars, slots = budgets
+    assert (tokens.consumed, tokens.available) == (consumed, 100_000 - consumed)
+    assert (dollars.consumed, dollars.available) == (price, 1_000_000 - price)
+    assert slots.available == slots_free
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_message_settles_its_usage_with_the_cache_counts_added(kind, budgets):
+    server = Server()
+    client = make(kind, server, **gate_for(budgets))
+    message = await create(kind, client)
+    assert message.content[0].text == "ok"
+    assert len(server.requests) == 1
+    check(budgets, TOTAL, PRICE)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("cut", [False, True], ids=["complete", "cut"])
+async def test_a_streamed_create_settles_at_its_final_usage_or_its_estimate(kind, cut, budgets):
+    server = Server()
+    server.cut = cut
+    client = make(kind, server, **gate_for(budgets))
+    stream = await create(kind, client, stream=True)
+    tokens, dollars, slots = budgets
+    assert (tokens.available, dollars.available, slots.available) == (  # held while it streams
+        100_000 - ESTIMATE,
+        1_000_000 - ESTIMATE_PRICE,
+        3,
+    )
+    seen = await drain(kind, stream)
+    assert ("message_stop" in seen) is not cut
+    if cut:
+        check(budgets, ESTIMATE, ESTIMATE_PRICE)
+    else:
+        check(budgets, TOTAL, PRICE)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("cut", [False, True], ids=["complete", "cut"])
+async def test_messages_stream_settles_when_its_block_ends(kind, cut, budgets):
+    server = Server()
+    server.cut = cut
+    client = make(kind, server, **gate_for(budgets))
+    if kind == "async":
+        async with client.messages.stream(**REQUEST) as stream:
+            text = [chunk async for chunk in stream.text_stream]
+    else:
+
+        def read():
+            with client.messages.stream(**REQUEST) as stream:
+                return list(stream.text_stream)
+
+        text = await asyncio.to_thread(read)
+    assert "".join(text) == "ok"
+    assert len(server.requests) == 1
+    if cut:
+        check(budgets, ESTIMATE, ESTIMATE_PRICE)
+    else:
+        check(budgets, TOTAL, PRICE)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("status", [429, 500, 529])
+async def test_an_error_status_refunds_everything(kind, status, budgets):
+    server = Server()
+    server.status = status
+    client = make(kind, server, **gate_for(budgets))
+    with pytest.raises(anthropic.APIStatusError):
+        await create(kind, client)
+    with pytest.raises(anthropic.APIStatusError):
+        await open_stream(kind, client)
+    assert len(server.requests) == 2
+    check(budgets, 0, 0)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_denial_raises_and_sends_nothing(kind, budgets):
+    tokens, dollars, slots = budgets
+    assert slots.try_reserve_sync(4)
+    server = Server()
+    client = make(kind, server, **gate_for(budgets))
+    with pytest.raises(BudgetExhausted) as denied:
+        await create(kind, client)
+    assert denied.value.budget is slots
+    assert server.requests == []
+    assert (tokens.available, dollars.available) == (100_000, 1_000_000)
