@@ -1,0 +1,81 @@
+"""Gate every model request of a pydantic-ai agent with a ``BudgetCapability``.
+
+``Agent(model, capabilities=[BudgetCapability(tokens=..., ...)])``.
+
+pydantic-ai's own usage limits count one run at a time, so concurrent runs overspend together;
+a ``BudgetCapability`` takes the shared budgets before each model request of ``run``,
+``run_sync`` and ``run_stream`` (or raises ``BudgetExhausted``, which reaches the caller, and the
+request is not made) and settles at the request's reported usage; an error status from the
+provider refunds everything, any other failure is charged at the estimate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic_ai.capabilities import AbstractCapability
+from pydantic_ai.exceptions import ModelHTTPError
+
+from costbound._protocols import BudgetGuard, TokenBudget
+from costbound.integrations._gate import Estimator, Gate
+from costbound.prices import PriceTable
+
+__all__ = ["BudgetCapability"]
+
+
+class BudgetCapability(AbstractCapability[Any]):
+    """A pydantic-ai capability that gates every model request on costbound budgets.
+
+    The arguments are a :class:`costbound.integrations.Gate`'s. The request's model is
+    ``model.model_name``; its output bound is the model settings' ``max_tokens``.
+    """
+
+    def __init__(
+        self,
+        *,
+        tokens: TokenBudget | None = None,
+        dollars: TokenBudget | None = None,
+        guards: Mapping[BudgetGuard, int] | None = None,
+        wait: float = 0.0,
+        max_output_tokens: int | None = None,
+        estimator: Estimator | None = None,
+        prices: PriceTable | None = None,
+    ) -> None:
+        self.gate = Gate(
+            tokens=tokens,
+            dollars=dollars,
+            guards=guards,
+            wait=wait,
+            max_output_tokens=max_output_tokens,
+            estimator=estimator,
+            prices=prices,
+        )
+
+    async def wrap_model_request(
+        self,
+        ctx: Any,  # noqa: ANN401 - pydantic-ai's RunContext
+        *,
+        request_context: Any,  # noqa: ANN401 - pydantic-ai's ModelRequestContext
+        handler: Any,  # noqa: ANN401 - pydantic-ai's WrapModelRequestHandler
+    ) -> Any:  # noqa: ANN401 - pydantic-ai's ModelResponse
+        """Take the budgets, make the request, settle it."""
+        settings = request_context.model_settings or {}
+        passed = await self.gate.enter(
+            model=request_context.model.model_name,
+            prompt=request_context.messages,
+            max_output_tokens=settings.get("max_tokens"),
+        )
+        try:
+            response = await handler(request_context)
+        except ModelHTTPError as error:
+            if error.status_code >= 400:  # an error status: not billed
+                await passed.refund()
+            else:
+                await passed.settle_at_estimate()
+            raise
+        except BaseException:
+            await passed.settle_at_estimate()
+            raise
+        await passed.settle(response.usage)
+        return response

@@ -1,0 +1,150 @@
+"""``costbound.integrations.pydantic_ai.BudgetCapability`` with real pydantic-ai agents (spec 11).
+
+pydantic-ai's ``FunctionModel`` answers with a chosen usage, so the capability's settlement is
+checked against known figures: every model request of ``run``, ``run_sync`` and ``run_stream``
+settles its reported usage; an error status refunds everything; a denial raises
+``BudgetExhausted`` out of the run and the model is not called; ``wait`` lets a run proceed once
+another's refund makes room; concurrent runs share one budget without overspending it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from costbound import AtomicBudget, AtomicTokenBudget, BudgetExhausted
+
+pytest.importorskip("pydantic_ai")  # pydantic-ai needs Python 3.11 (test.txt installs it there)
+from costbound.integrations.pydantic_ai import BudgetCapability
+from costbound.prices import Price, PriceTable
+from pydantic_ai import Agent
+from pydantic_ai.exceptions import ModelHTTPError
+from pydantic_ai.messages import ModelResponse, TextPart, ToolCallPart
+from pydantic_ai.models.function import AgentInfo, FunctionModel
+from pydantic_ai.usage import RequestUsage
+
+TABLE = PriceTable({"fake": Price(input=1, output=4, cached_input=0.5)})
+USAGE = RequestUsage(input_tokens=300, output_tokens=50, cache_read_tokens=100)
+PRICE = 200 * 1 + 100 * 0.5 + 50 * 4  # 450 micro-dollars
+
+
+class Calls:
+    """A FunctionModel's function: answers with USAGE, or raises, and counts its calls."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.count = 0
+        self.error = error
+
+    def __call__(self, messages, info: AgentInfo) -> ModelResponse:
+        self.count += 1
+        if self.error is not None:
+            raise self.error
+        return ModelResponse(parts=[TextPart("ok")], usage=USAGE, model_name="fake")
+
+
+def agent(calls, **gate) -> Agent:
+    model = FunctionModel(calls, model_name="fake")
+    return Agent(model, capabilities=[BudgetCapability(**gate)])
+
+
+def test_run_sync_settles_the_reported_usage():
+    tokens, dollars, slots = AtomicTokenBudget(10_000), AtomicTokenBudget(10_000), AtomicBudget(1)
+    calls = Calls()
+    result = agent(calls, tokens=tokens, dollars=dollars, guards={slots: 1}, prices=TABLE).run_sync(
+        "hello", model_settings={"max_tokens": 100}
+    )
+    assert result.output == "ok"
+    assert calls.count == 1
+    assert (tokens.consumed, tokens.available) == (350, 10_000 - 350)
+    assert (dollars.consumed, dollars.available) == (PRICE, 10_000 - PRICE)
+    assert slots.available == 1
+
+
+@pytest.mark.asyncio
+async def test_every_request_of_a_run_with_a_tool_is_settled():
+    tokens = AtomicTokenBudget(10_000)
+    turns = 0
+
+    def model(messages, info: AgentInfo) -> ModelResponse:
+        nonlocal turns
+        turns += 1
+        if turns == 1:
+            return ModelResponse(parts=[ToolCallPart("lookup", {})], usage=USAGE)
+        return ModelResponse(parts=[TextPart("done")], usage=USAGE)
+
+    bot = Agent(FunctionModel(model), capabilities=[BudgetCapability(tokens=tokens)])
+
+    @bot.tool_plain
+    def lookup() -> str:
+        return "42"
+
+    result = await bot.run("hello")
+    assert result.output == "done"
+    assert turns == 2
+    assert tokens.consumed == 2 * 350 == result.usage.input_tokens + result.usage.output_tokens
+
+
+@pytest.mark.asyncio
+async def test_run_stream_settles_the_streamed_usage():
+    tokens = AtomicTokenBudget(10_000)
+
+    async def stream(messages, info: AgentInfo):
+        yield "o"
+        yield "k"
+
+    bot = Agent(
+        FunctionModel(stream_function=stream), capabilities=[BudgetCapability(tokens=tokens)]
+    )
+    async with bot.run_stream("hello") as result:
+        text = await result.get_output()
+    assert text == "ok"
+    usage = result.usage
+    assert tokens.consumed == usage.input_tokens + usage.output_tokens > 0
+    assert tokens.available == 10_000 - tokens.consumed
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("status", [429, 500])
+async def test_an_error_status_refunds_everything(status):
+    tokens, slots = AtomicTokenBudget(10_000), AtomicBudget(1)
+    calls = Calls(ModelHTTPError(status_code=status, model_name="fake"))
+    with pytest.raises(ModelHTTPError):
+        await agent(calls, tokens=tokens, guards={slots: 1}).run("hello")
+    assert calls.count == 1
+    assert (tokens.available, tokens.consumed, slots.available) == (10_000, 0, 1)
+
+
+@pytest.mark.asyncio
+async def test_a_denial_reaches_the_caller_and_the_model_is_not_called():
+    tokens = AtomicTokenBudget(10)
+    calls = Calls()
+    with pytest.raises(BudgetExhausted) as denied:
+        await agent(calls, tokens=tokens).run("hello")
+    assert denied.value.budget is tokens
+    assert calls.count == 0
+    assert tokens.available == 10
+
+
+@pytest.mark.asyncio
+async def test_concurrent_runs_share_the_budget_and_wait_for_room():
+    tokens = AtomicTokenBudget(700)  # two requests' estimates at a time (each 2 + 4 + 300 = 306)
+    in_flight = peak = 0
+
+    async def model(messages, info: AgentInfo) -> ModelResponse:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.01)
+        in_flight -= 1
+        return ModelResponse(
+            parts=[TextPart("ok")], usage=RequestUsage(input_tokens=5, output_tokens=5)
+        )
+
+    bot = Agent(
+        FunctionModel(model),
+        capabilities=[BudgetCapability(tokens=tokens, wait=30.0, max_output_tokens=300)],
+    )
+    results = await asyncio.gather(*(bot.run("hi") for _ in range(10)))
+    assert [r.output for r in results] == ["ok"] * 10
+    assert peak == 2
+    assert (tokens.consumed, tokens.available) == (100, 600)
