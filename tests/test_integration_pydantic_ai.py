@@ -50,9 +50,16 @@ def agent(calls, **gate) -> Agent:
 def test_run_sync_settles_the_reported_usage():
     tokens, dollars, slots = AtomicTokenBudget(10_000), AtomicTokenBudget(10_000), AtomicBudget(1)
     calls = Calls()
-    result = agent(calls, tokens=tokens, dollars=dollars, guards={slots: 1}, prices=TABLE).run_sync(
-        "hello", model_settings={"max_tokens": 100}
-    )
+    bot = agent(calls, tokens=tokens, dollars=dollars, guards={slots: 1}, prices=TABLE)
+    # run_sync runs on the thread's current loop (it makes one if there is none, and keeps it):
+    # give it one that the test closes.
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        result = bot.run_sync("hello", model_settings={"max_tokens": 100})
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
     assert result.output == "ok"
     assert calls.count == 1
     assert (tokens.consumed, tokens.available) == (350, 10_000 - 350)
