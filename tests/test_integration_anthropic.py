@@ -15,12 +15,11 @@ import asyncio
 import importlib
 import json
 
+import anthropic
 import pytest
 from costbound import AtomicBudget, AtomicTokenBudget, BudgetExhausted
-
-anthropic = pytest.importorskip("anthropic")  # installed on every supported Python (test.txt)
-from costbound.integrations.anthropic import guard  # noqa: E402
-from costbound.prices import Price, PriceTable  # noqa: E402
+from costbound.integrations.anthropic import guard
+from costbound.prices import Price, PriceTable
 
 httpx = importlib.import_module(
     anthropic.DefaultAsyncHttpxClient.__mro__[1].__module__.split(".")[0]

@@ -14,12 +14,11 @@ import asyncio
 import importlib
 import json
 
+import openai
 import pytest
 from costbound import AtomicBudget, AtomicTokenBudget, BudgetExhausted
-
-openai = pytest.importorskip("openai")  # installed on every supported Python (test.txt)
-from costbound.integrations.openai import guard  # noqa: E402
-from costbound.prices import Price, PriceTable  # noqa: E402
+from costbound.integrations.openai import guard
+from costbound.prices import Price, PriceTable
 
 httpx = importlib.import_module(openai.DefaultAsyncHttpxClient.__mro__[1].__module__.split(".")[0])
 

@@ -1,0 +1,126 @@
+"""``costbound.integrations.langchain`` with real LangChain (spec section 11).
+
+``BudgetMiddleware`` in an agent made by ``create_agent``, and ``BudgetCallbackHandler`` on a
+chat model's calls, both with LangChain's fake chat model answering messages that carry usage
+metadata: a success settles exactly the reported usage; an error status refunds everything; a
+denial stops the call (the model is not called) and reaches the caller; ``wait`` lets a call
+proceed once another's refund makes room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from costbound import AtomicBudget, AtomicTokenBudget, BudgetExhausted
+from costbound.integrations.langchain import BudgetCallbackHandler, BudgetMiddleware
+from langchain.agents import create_agent
+from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+from langchain_core.messages import AIMessage
+
+USAGE = {
+    "input_tokens": 300,
+    "output_tokens": 50,
+    "total_tokens": 350,
+    "input_token_details": {"cache_read": 100},
+}
+
+
+def answers(count: int = 1) -> GenericFakeChatModel:
+    """A chat model whose next ``count`` answers report USAGE."""
+    return GenericFakeChatModel(
+        messages=iter([AIMessage(content="ok", usage_metadata=USAGE) for _ in range(count)])
+    )
+
+
+class StatusError(Exception):
+    def __init__(self, status_code: int) -> None:
+        super().__init__(f"status {status_code}")
+        self.status_code = status_code
+
+
+class Failing(GenericFakeChatModel):
+    """A chat model that counts its calls and fails each with an error status."""
+
+    calls: int = 0
+    status: int = 500
+
+    def _generate(self, *args, **kwargs):
+        self.calls += 1
+        raise StatusError(self.status)
+
+    async def _agenerate(self, *args, **kwargs):
+        self.calls += 1
+        raise StatusError(self.status)
+
+
+def test_middleware_settles_every_model_call_of_an_agent():
+    tokens, slots = AtomicTokenBudget(10_000), AtomicBudget(1)
+    agent = create_agent(answers(), middleware=[BudgetMiddleware(tokens=tokens, guards={slots: 1})])
+    result = agent.invoke({"messages": [{"role": "user", "content": "hello"}]})
+    assert result["messages"][-1].content == "ok"
+    assert (tokens.consumed, tokens.available, slots.available) == (350, 10_000 - 350, 1)
+
+
+@pytest.mark.asyncio
+async def test_middleware_in_an_async_agent_and_a_denial():
+    tokens = AtomicTokenBudget(10_000)
+    agent = create_agent(answers(), middleware=[BudgetMiddleware(tokens=tokens)])
+    await agent.ainvoke({"messages": [{"role": "user", "content": "hello"}]})
+    assert tokens.consumed == 350
+    small = AtomicTokenBudget(5)
+    model = answers()
+    denied_agent = create_agent(model, middleware=[BudgetMiddleware(tokens=small)])
+    with pytest.raises(BudgetExhausted) as denied:
+        await denied_agent.ainvoke({"messages": [{"role": "user", "content": "hello"}]})
+    assert denied.value.budget is small
+    assert next(model.messages).content == "ok"  # its one answer was never asked for
+    assert small.available == 5
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("status", [429, 500])
+async def test_middleware_refunds_an_error_status(status):
+    tokens = AtomicTokenBudget(10_000)
+    model = Failing(messages=iter([]), status=status)
+    agent = create_agent(model, middleware=[BudgetMiddleware(tokens=tokens)])
+    with pytest.raises(StatusError):
+        await agent.ainvoke({"messages": [{"role": "user", "content": "hello"}]})
+    assert model.calls == 1
+    assert (tokens.available, tokens.consumed) == (10_000, 0)
+
+
+def test_the_callback_handler_settles_and_stops_a_denied_call():
+    tokens = AtomicTokenBudget(10_000)
+    handler = BudgetCallbackHandler(tokens=tokens)
+    assert handler.raise_error
+    reply = answers().invoke("hello", config={"callbacks": [handler]})
+    assert reply.content == "ok"
+    assert tokens.consumed == 350
+
+    small = AtomicTokenBudget(5)
+    model = answers()
+    with pytest.raises(BudgetExhausted):
+        model.invoke("hello", config={"callbacks": [BudgetCallbackHandler(tokens=small)]})
+    assert next(model.messages).content == "ok"  # not called
+    assert small.available == 5
+
+
+@pytest.mark.asyncio
+async def test_the_callback_handler_refunds_an_error_and_waits_for_room():
+    tokens = AtomicTokenBudget(10_000)
+    failing = Failing(messages=iter([]), status=429)
+    with pytest.raises(StatusError):
+        await failing.ainvoke("hello", config={"callbacks": [BudgetCallbackHandler(tokens=tokens)]})
+    assert (tokens.available, tokens.consumed) == (10_000, 0)
+
+    room = AtomicTokenBudget(5_000)
+    held = room.try_reserve_tokens_sync(5_000)
+    handler = BudgetCallbackHandler(tokens=room, wait=20.0, max_output_tokens=100)
+    call = asyncio.create_task(answers().ainvoke("hello", config={"callbacks": [handler]}))
+    await asyncio.sleep(0.05)
+    assert not call.done()
+    del held  # refunded: room for the waiting call
+    reply = await asyncio.wait_for(call, 20.0)
+    assert reply.content == "ok"
+    assert room.consumed == 350
