@@ -1,0 +1,99 @@
+"""Gate LiteLLM calls: ``litellm.callbacks = [BudgetLogger(tokens=...)]``.
+
+LiteLLM swallows exceptions in most of its hooks; ``async_pre_call_deployment_hook`` is the one
+that can stop a call, so the budgets are taken there (a denial raises ``BudgetExhausted`` out of
+``acompletion`` and no request is made). The call settles in ``async_log_success_event`` at the
+response's usage, or in ``async_log_failure_event``: refunded after an error status, at the
+estimate after any other failure. Calls are matched by ``kwargs["litellm_call_id"]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from litellm.integrations.custom_logger import CustomLogger
+
+from costbound._protocols import BudgetGuard, TokenBudget
+from costbound.integrations._gate import Estimator, Gate, Pass
+from costbound.integrations._streams import settle
+from costbound.prices import PriceTable
+
+__all__ = ["BudgetLogger"]
+
+
+class BudgetLogger(CustomLogger):
+    """A LiteLLM callback that gates every async completion on costbound budgets.
+
+    The arguments are a :class:`costbound.integrations.Gate`'s.
+    """
+
+    def __init__(
+        self,
+        *,
+        tokens: TokenBudget | None = None,
+        dollars: TokenBudget | None = None,
+        guards: Mapping[BudgetGuard, int] | None = None,
+        wait: float = 0.0,
+        max_output_tokens: int | None = None,
+        estimator: Estimator | None = None,
+        prices: PriceTable | None = None,
+    ) -> None:
+        super().__init__()
+        self.gate = Gate(
+            tokens=tokens,
+            dollars=dollars,
+            guards=guards,
+            wait=wait,
+            max_output_tokens=max_output_tokens,
+            estimator=estimator,
+            prices=prices,
+        )
+        self._passes: dict[str, Pass] = {}
+
+    async def async_pre_call_deployment_hook(
+        self,
+        kwargs: dict[str, Any],
+        call_type: object,
+    ) -> dict[str, Any] | None:
+        """Take the budgets before the request (a denial stops the call)."""
+        bound = kwargs.get("max_tokens") or kwargs.get("max_completion_tokens")
+        passed = await self.gate.enter(
+            model=kwargs.get("model"),
+            prompt=kwargs.get("messages") or kwargs.get("input") or "",
+            max_output_tokens=bound if isinstance(bound, int) else None,
+        )
+        self._passes[str(kwargs.get("litellm_call_id"))] = passed
+        return None
+
+    def _pass(self, kwargs: Mapping[str, Any]) -> Pass | None:
+        return self._passes.pop(str(kwargs.get("litellm_call_id")), None)
+
+    async def async_log_success_event(
+        self,
+        kwargs: dict[str, Any],
+        response_obj: Any,  # noqa: ANN401 - LiteLLM's response
+        start_time: object,
+        end_time: object,
+    ) -> None:
+        """Settle at the response's usage (at the estimate when it reports none)."""
+        passed = self._pass(kwargs)
+        if passed is not None:
+            await settle(passed, getattr(response_obj, "usage", None))
+
+    async def async_log_failure_event(
+        self,
+        kwargs: dict[str, Any],
+        response_obj: Any,  # noqa: ANN401 - LiteLLM's response
+        start_time: object,
+        end_time: object,
+    ) -> None:
+        """Refund after an error status; charge the estimate after any other failure."""
+        passed = self._pass(kwargs)
+        if passed is None:
+            return
+        status = getattr(kwargs.get("exception"), "status_code", None)
+        if isinstance(status, int) and status >= 400:
+            await passed.refund()
+        else:
+            await passed.settle_at_estimate()

@@ -1,0 +1,107 @@
+"""``costbound.integrations.litellm.BudgetLogger`` with real LiteLLM, offline (spec section 11).
+
+``acompletion(mock_response=...)`` runs LiteLLM's whole call path without a network: its hooks
+and its logging. A success settles exactly the usage LiteLLM reports; an error status (a mocked
+``RateLimitError``) refunds everything; a denial raises ``BudgetExhausted`` out of
+``acompletion`` before any response exists; ``wait`` lets a call proceed once room appears.
+LiteLLM logs successes and failures in the background, so the tests wait for the settlement to
+land (with a deadline) before checking it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+from costbound import AtomicBudget, AtomicTokenBudget, BudgetExhausted
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no price map fetched
+import litellm
+from costbound.integrations.litellm import BudgetLogger
+
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+# LiteLLM's own types trip pydantic's warning about ReadOnly TypedDict items: not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:Item.* using the `ReadOnly` qualifier:UserWarning")
+
+
+@pytest.fixture
+def logger_of():
+    """Install a BudgetLogger as LiteLLM's only callback for one test.
+
+    LiteLLM copies ``litellm.callbacks`` into its own success and failure lists on first use,
+    so those are reset too, before and after: each test's logger hears its own calls only.
+    """
+    litellm.logging_callback_manager._reset_all_callbacks()
+
+    def install(**gate):
+        logger = BudgetLogger(**gate)
+        litellm.callbacks = [logger]
+        return logger
+
+    yield install
+    litellm.logging_callback_manager._reset_all_callbacks()
+
+
+async def settled(logger, what: str) -> None:
+    """Wait (setup only, with a deadline) until LiteLLM's background logging settled every pass."""
+    deadline = time.monotonic() + 20
+    while logger._passes:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not settled: {what}")
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.asyncio
+async def test_a_success_settles_the_reported_usage(logger_of):
+    tokens, slots = AtomicTokenBudget(10_000), AtomicBudget(1)
+    logger = logger_of(tokens=tokens, guards={slots: 1})
+    response = await litellm.acompletion(
+        model="gpt-4o-mini", messages=MESSAGES, mock_response="ok", max_tokens=100
+    )
+    await settled(logger, "the success")
+    assert response.choices[0].message.content == "ok"
+    total = response.usage.total_tokens
+    assert total > 0
+    assert (tokens.consumed, tokens.available, slots.available) == (total, 10_000 - total, 1)
+
+
+@pytest.mark.asyncio
+async def test_an_error_status_refunds_everything(logger_of):
+    tokens, slots = AtomicTokenBudget(10_000), AtomicBudget(1)
+    logger = logger_of(tokens=tokens, guards={slots: 1})
+    with pytest.raises(litellm.RateLimitError):
+        await litellm.acompletion(
+            model="gpt-4o-mini", messages=MESSAGES, mock_response="litellm.RateLimitError"
+        )
+    await settled(logger, "the failure")
+    assert (tokens.available, tokens.consumed, slots.available) == (10_000, 0, 1)
+
+
+@pytest.mark.asyncio
+async def test_a_denial_raises_before_any_response(logger_of):
+    small = AtomicTokenBudget(5)
+    logger = logger_of(tokens=small)
+    with pytest.raises(BudgetExhausted) as denied:
+        await litellm.acompletion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")
+    assert denied.value.budget is small
+    assert logger._passes == {}
+    assert (small.available, small.consumed) == (5, 0)
+
+
+@pytest.mark.asyncio
+async def test_wait_lets_a_call_proceed_once_room_appears(logger_of):
+    tokens = AtomicTokenBudget(500)
+    logger = logger_of(tokens=tokens, wait=20.0, max_output_tokens=100)
+    held = tokens.try_reserve_tokens_sync(500)
+    call = asyncio.create_task(
+        litellm.acompletion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")
+    )
+    await asyncio.sleep(0.05)
+    assert not call.done()
+    del held  # refunded: room for the waiting call
+    response = await asyncio.wait_for(call, 20.0)
+    await settled(logger, "the waiting call")
+    assert tokens.consumed == response.usage.total_tokens
