@@ -13,6 +13,10 @@ from hypothesis import HealthCheck, settings
 from redis_support import REQUIRED as REDIS_REQUIRED
 from redis_support import AtomicBackend, RedisBackend, RedisServer, find_redis_server
 
+# LiteLLM fetches a price map over the network when imported, unless told not to: the suite runs
+# offline.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
 # `make test` runs the suite against the release wheel installed in a fresh virtual environment,
 # never against the source tree; it sets COSTBOUND_REQUIRE_WHEEL so that a mix-up fails loudly.
 if os.environ.get("COSTBOUND_REQUIRE_WHEEL"):
