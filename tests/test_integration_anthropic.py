@@ -253,3 +253,19 @@ async def test_a_denial_raises_and_sends_nothing(kind, budgets):
     assert denied.value.budget is slots
     assert server.requests == []
     assert (tokens.available, dollars.available) == (100_000, 1_000_000)
+
+
+@pytest.mark.asyncio
+async def test_wait_lets_a_call_proceed_once_room_appears():
+    tokens = AtomicTokenBudget(ESTIMATE)
+    server = Server()
+    client = make("async", server, tokens=tokens, wait=20.0)
+    held = tokens.try_reserve_tokens_sync(ESTIMATE)  # another call's estimate
+    call = asyncio.create_task(client.messages.create(**REQUEST))
+    await asyncio.sleep(0.05)
+    assert not call.done()
+    assert server.requests == []  # not sent while it waits
+    del held  # refunded: room for the waiting call
+    await asyncio.wait_for(call, 20.0)
+    assert len(server.requests) == 1
+    assert tokens.consumed == TOTAL

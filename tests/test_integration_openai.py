@@ -81,6 +81,28 @@ def responses_json():
     }
 
 
+def responses_sse(mode):
+    """A Responses stream: created, a text delta, and (unless cut) completed with the usage."""
+    created = {**responses_json(), "status": "in_progress", "usage": None}
+    events = [
+        {"type": "response.created", "sequence_number": 0, "response": created},
+        {
+            "type": "response.output_text.delta",
+            "sequence_number": 1,
+            "item_id": "i1",
+            "output_index": 0,
+            "content_index": 0,
+            "delta": "ok",
+            "logprobs": [],
+        },
+    ]
+    if mode != "sse-cut":
+        events.append(
+            {"type": "response.completed", "sequence_number": 2, "response": responses_json()}
+        )
+    return "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events)
+
+
 class Server:
     """The transport's handler: what it answers, and the requests it saw."""
 
@@ -95,6 +117,12 @@ class Server:
         if self.status != 200:
             return httpx.Response(self.status, json={"error": {"message": "no", "type": "x"}})
         if request.url.path.endswith("/responses"):
+            if body.get("stream"):
+                return httpx.Response(
+                    200,
+                    text=responses_sse(self.mode),
+                    headers={"content-type": "text/event-stream"},
+                )
             return httpx.Response(200, json=responses_json())
         if self.mode == "json":
             return httpx.Response(200, json=chat_json())
@@ -313,3 +341,30 @@ async def test_wait_lets_a_call_proceed_once_another_calls_refund_makes_room():
     assert response.usage.total_tokens == 350
     assert len(server.requests) == 1
     assert (tokens.consumed, tokens.available, tokens.debt) == (350, 0, 50)  # over the estimate
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("cut", [False, True], ids=["completed", "cut"])
+async def test_a_responses_stream_settles_at_its_completed_usage_or_its_estimate(
+    kind, cut, budgets
+):
+    tokens, dollars, slots = budgets
+    server = Server()
+    server.mode = "sse-cut" if cut else "sse"
+    client = make(kind, server, tokens=tokens, dollars=dollars, guards={slots: 1}, prices=TABLE)
+    stream = await call(
+        kind,
+        client.responses.create,
+        model="gpt-test",
+        input="x" * 400,
+        max_output_tokens=100,
+        stream=True,
+    )
+    assert slots.available == 3
+    await consume(kind, stream)
+    if cut:
+        assert (tokens.consumed, dollars.consumed) == (129 + 100, 129 * 1 + 100 * 4)
+    else:
+        assert (tokens.consumed, dollars.consumed) == (350, 450)
+    assert slots.available == 4

@@ -458,7 +458,28 @@ def _langchain_cases():
     return [(message, expected), (message.usage_metadata, expected)]
 
 
+def _litellm_cases():
+    import warnings
+
+    with warnings.catch_warnings():  # LiteLLM's types trip a pydantic warning on import
+        warnings.simplefilter("ignore", UserWarning)
+        from litellm.types.utils import Usage as LiteLLMUsage
+
+    # LiteLLM's OpenAI-shaped Usage after proxying Anthropic: prompt_tokens includes the cache.
+    usage = LiteLLMUsage(
+        prompt_tokens=1_200,
+        completion_tokens=300,
+        total_tokens=1_500,
+        prompt_tokens_details={"cached_tokens": 1_000},
+        completion_tokens_details={"reasoning_tokens": 200},
+        cache_creation_input_tokens=150,
+        cache_read_input_tokens=1_000,
+    )
+    return [(usage, Usage(1_200, 300, cached=1_000, cache_write=150, reasoning=200))]
+
+
 SDK_CASES = {
+    "litellm": _litellm_cases,
     "langchain_core": _langchain_cases,
     "openai": _openai_cases,
     "anthropic": _anthropic_cases,
