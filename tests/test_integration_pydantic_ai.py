@@ -155,3 +155,88 @@ async def test_concurrent_runs_share_the_budget_and_wait_for_room():
     assert [r.output for r in results] == ["ok"] * 10
     assert peak == 2
     assert (tokens.consumed, tokens.available) == (100, 600)
+
+
+@pytest.mark.asyncio
+async def test_with_test_model_the_run_usage_is_what_was_charged():
+    from pydantic_ai.models.test import TestModel
+
+    tokens = AtomicTokenBudget(100_000)
+    bot = Agent(TestModel(custom_output_text="ok"), capabilities=[BudgetCapability(tokens=tokens)])
+    result = await bot.run("hello")
+    usage = result.usage
+    assert usage.requests >= 1
+    assert tokens.consumed == usage.input_tokens + usage.output_tokens > 0
+
+
+@pytest.mark.asyncio
+async def test_with_the_real_anthropic_model_over_a_mocked_client():
+    # pydantic-ai's own AnthropicModel parses the Anthropic SDK's response, whose input_tokens
+    # leave out the cache: the capability settles pydantic-ai's all-included count.
+    import importlib
+    import json
+
+    import anthropic
+    from pydantic_ai.models.anthropic import AnthropicModel
+    from pydantic_ai.providers.anthropic import AnthropicProvider
+
+    httpx = importlib.import_module(
+        anthropic.DefaultAsyncHttpxClient.__mro__[1].__module__.split(".")[0]
+    )
+    sent = []
+
+    message = {
+        "id": "m1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-haiku-4-5",
+        "content": [{"type": "text", "text": "ok"}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 20, "cache_read_input_tokens": 1_000, "output_tokens": 5},
+    }
+    start = {**message, "content": [], "stop_reason": None}
+    start["usage"] = {**message["usage"], "output_tokens": 1}
+    events = [
+        {"type": "message_start", "message": start},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {
+            "type": "content_block_delta",
+            "index": 0,
+            "delta": {"type": "text_delta", "text": "ok"},
+        },
+        {"type": "content_block_stop", "index": 0},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            "usage": {"output_tokens": 5},
+        },
+        {"type": "message_stop"},
+    ]
+    sse = "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events)
+
+    def api(request):
+        body = json.loads(request.content)
+        sent.append(body)
+        if body.get("stream"):  # pydantic-ai may stream even a plain run
+            return httpx.Response(200, text=sse, headers={"content-type": "text/event-stream"})
+        return httpx.Response(200, json=message)
+
+    client = anthropic.AsyncAnthropic(
+        api_key="k",
+        max_retries=0,
+        http_client=httpx.AsyncClient(transport=httpx.MockTransport(api)),
+    )
+    model = AnthropicModel("claude-haiku-4-5", provider=AnthropicProvider(anthropic_client=client))
+    tokens = AtomicTokenBudget(100_000)
+    bot = Agent(model, capabilities=[BudgetCapability(tokens=tokens)])
+    result = await bot.run("hello")
+    assert result.output == "ok"
+    assert len(sent) == 1
+    assert tokens.consumed == 20 + 1_000 + 5
+
+    small = AtomicTokenBudget(10)
+    denied_bot = Agent(model, capabilities=[BudgetCapability(tokens=small)])
+    with pytest.raises(BudgetExhausted):
+        await denied_bot.run("hello")
+    assert len(sent) == 1  # the denied request was not sent
