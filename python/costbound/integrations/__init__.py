@@ -7,6 +7,12 @@ provider's reported usage on success, nothing on an error response (it was not b
 its estimate when usage never arrived (a cut stream: it was billed).
 """
 
-from costbound.integrations._gate import DEFAULT_MAX_OUTPUT_TOKENS, Estimator, Gate, Pass
+from costbound.integrations._gate import (
+    DEFAULT_MAX_OUTPUT_TOKENS,
+    Estimator,
+    Gate,
+    GateOptions,
+    Pass,
+)
 
-__all__ = ["DEFAULT_MAX_OUTPUT_TOKENS", "Estimator", "Gate", "Pass"]
+__all__ = ["DEFAULT_MAX_OUTPUT_TOKENS", "Estimator", "Gate", "GateOptions", "Pass"]

@@ -16,7 +16,7 @@ methods.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypedDict
 
 from costbound._admit import (
     AdmissionTimeoutError,
@@ -30,13 +30,25 @@ from costbound._reservation import TokenReservation
 from costbound._usage import BudgetExhausted, Usage, estimate_tokens, usage_of
 from costbound.prices import PriceTable, price_of
 
-__all__ = ["DEFAULT_MAX_OUTPUT_TOKENS", "Estimator", "Gate", "Pass"]
+__all__ = ["DEFAULT_MAX_OUTPUT_TOKENS", "Estimator", "Gate", "GateOptions", "Pass"]
 
 #: The output bound of a request that sets none, when the gate sets none either.
 DEFAULT_MAX_OUTPUT_TOKENS = 4096
 
 Estimator = Callable[[object, int], int]
 """``estimator(prompt, max_output_tokens)``: the tokens a request may use, output included."""
+
+
+class GateOptions(TypedDict, total=False):
+    """The keyword arguments of every gate: a :class:`Gate`'s."""
+
+    tokens: TokenBudget | None
+    dollars: TokenBudget | None
+    guards: Mapping[BudgetGuard, int] | None
+    wait: float
+    max_output_tokens: int | None
+    estimator: Estimator | None
+    prices: PriceTable | None
 
 
 class Gate:

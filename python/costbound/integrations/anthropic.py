@@ -8,16 +8,17 @@ error status; at the estimate when the stream ended before its final usage.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anthropic
 
-from costbound._protocols import BudgetGuard, TokenBudget
-from costbound.integrations._gate import Estimator, Gate, Pass
+from costbound.integrations._gate import Gate, GateOptions, Pass
 from costbound.integrations._streams import Sdk, gated_async, gated_sync, settle, settle_sync
-from costbound.prices import PriceTable
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["guard"]
 
@@ -26,25 +27,10 @@ _C = TypeVar("_C", anthropic.Anthropic, anthropic.AsyncAnthropic)
 
 def guard(
     client: _C,
-    *,
-    tokens: TokenBudget | None = None,
-    dollars: TokenBudget | None = None,
-    guards: Mapping[BudgetGuard, int] | None = None,
-    wait: float = 0.0,
-    max_output_tokens: int | None = None,
-    estimator: Estimator | None = None,
-    prices: PriceTable | None = None,
+    **options: Unpack[GateOptions],
 ) -> _C:
     """Gate ``client``'s ``messages.create`` and ``messages.stream``; return the same client."""
-    gate = Gate(
-        tokens=tokens,
-        dollars=dollars,
-        guards=guards,
-        wait=wait,
-        max_output_tokens=max_output_tokens,
-        estimator=estimator,
-        prices=prices,
-    )
+    gate = Gate(**options)
     messages = client.messages
     if isinstance(client, anthropic.AsyncAnthropic):
         sdk = Sdk(anthropic.AsyncStream, anthropic.APIStatusError, _MessageUsage, _usage_in)

@@ -10,17 +10,18 @@ result without usage, is charged at the estimate.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from langchain.agents.middleware import AgentMiddleware
 from langchain_core.callbacks import BaseCallbackHandler
 
-from costbound._protocols import BudgetGuard, TokenBudget
-from costbound.integrations._gate import Estimator, Gate, Pass
+from costbound.integrations._gate import Gate, GateOptions, Pass
 from costbound.integrations._streams import settle, settle_sync
-from costbound.prices import PriceTable
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["BudgetCallbackHandler", "BudgetMiddleware"]
 
@@ -61,25 +62,10 @@ class BudgetMiddleware(AgentMiddleware[Any, Any]):
 
     def __init__(
         self,
-        *,
-        tokens: TokenBudget | None = None,
-        dollars: TokenBudget | None = None,
-        guards: Mapping[BudgetGuard, int] | None = None,
-        wait: float = 0.0,
-        max_output_tokens: int | None = None,
-        estimator: Estimator | None = None,
-        prices: PriceTable | None = None,
+        **options: Unpack[GateOptions],
     ) -> None:
         super().__init__()
-        self.gate = Gate(
-            tokens=tokens,
-            dollars=dollars,
-            guards=guards,
-            wait=wait,
-            max_output_tokens=max_output_tokens,
-            estimator=estimator,
-            prices=prices,
-        )
+        self.gate = Gate(**options)
 
     @staticmethod
     def _request(request: Any) -> dict[str, Any]:  # noqa: ANN401 - LangChain's ModelRequest
@@ -138,24 +124,9 @@ class BudgetCallbackHandler(BaseCallbackHandler):
 
     def __init__(
         self,
-        *,
-        tokens: TokenBudget | None = None,
-        dollars: TokenBudget | None = None,
-        guards: Mapping[BudgetGuard, int] | None = None,
-        wait: float = 0.0,
-        max_output_tokens: int | None = None,
-        estimator: Estimator | None = None,
-        prices: PriceTable | None = None,
+        **options: Unpack[GateOptions],
     ) -> None:
-        self.gate = Gate(
-            tokens=tokens,
-            dollars=dollars,
-            guards=guards,
-            wait=wait,
-            max_output_tokens=max_output_tokens,
-            estimator=estimator,
-            prices=prices,
-        )
+        self.gate = Gate(**options)
         self._passes: dict[UUID, Pass] = {}
 
     def on_chat_model_start(

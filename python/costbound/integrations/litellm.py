@@ -10,14 +10,15 @@ estimate after any other failure. Calls are matched by ``kwargs["litellm_call_id
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from litellm.integrations.custom_logger import CustomLogger
 
-from costbound._protocols import BudgetGuard, TokenBudget
-from costbound.integrations._gate import Estimator, Gate, Pass
+from costbound.integrations._gate import Gate, GateOptions, Pass
 from costbound.integrations._streams import settle
-from costbound.prices import PriceTable
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["BudgetLogger"]
 
@@ -30,25 +31,10 @@ class BudgetLogger(CustomLogger):
 
     def __init__(
         self,
-        *,
-        tokens: TokenBudget | None = None,
-        dollars: TokenBudget | None = None,
-        guards: Mapping[BudgetGuard, int] | None = None,
-        wait: float = 0.0,
-        max_output_tokens: int | None = None,
-        estimator: Estimator | None = None,
-        prices: PriceTable | None = None,
+        **options: Unpack[GateOptions],
     ) -> None:
         super().__init__()
-        self.gate = Gate(
-            tokens=tokens,
-            dollars=dollars,
-            guards=guards,
-            wait=wait,
-            max_output_tokens=max_output_tokens,
-            estimator=estimator,
-            prices=prices,
-        )
+        self.gate = Gate(**options)
         self._passes: dict[str, Pass] = {}
 
     async def async_pre_call_deployment_hook(

@@ -10,15 +10,15 @@ usage (``stream_options={"include_usage": True}``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import openai
 
-from costbound._protocols import BudgetGuard, TokenBudget
-from costbound.integrations._gate import Estimator, Gate
+from costbound.integrations._gate import Gate, GateOptions
 from costbound.integrations._streams import Sdk, gated_async, gated_sync
-from costbound.prices import PriceTable
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["guard"]
 
@@ -27,25 +27,10 @@ _C = TypeVar("_C", openai.OpenAI, openai.AsyncOpenAI)
 
 def guard(
     client: _C,
-    *,
-    tokens: TokenBudget | None = None,
-    dollars: TokenBudget | None = None,
-    guards: Mapping[BudgetGuard, int] | None = None,
-    wait: float = 0.0,
-    max_output_tokens: int | None = None,
-    estimator: Estimator | None = None,
-    prices: PriceTable | None = None,
+    **options: Unpack[GateOptions],
 ) -> _C:
     """Gate ``client``'s chat completions and responses; return the same client."""
-    gate = Gate(
-        tokens=tokens,
-        dollars=dollars,
-        guards=guards,
-        wait=wait,
-        max_output_tokens=max_output_tokens,
-        estimator=estimator,
-        prices=prices,
-    )
+    gate = Gate(**options)
     if isinstance(client, openai.AsyncOpenAI):
         wrap, stream = gated_async, openai.AsyncStream
     else:

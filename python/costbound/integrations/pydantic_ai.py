@@ -11,15 +11,15 @@ provider refunds everything, any other failure is charged at the estimate.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic_ai.capabilities import AbstractCapability
 from pydantic_ai.exceptions import ModelHTTPError
 
-from costbound._protocols import BudgetGuard, TokenBudget
-from costbound.integrations._gate import Estimator, Gate
-from costbound.prices import PriceTable
+from costbound.integrations._gate import Gate, GateOptions
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["BudgetCapability"]
 
@@ -33,24 +33,9 @@ class BudgetCapability(AbstractCapability[Any]):
 
     def __init__(
         self,
-        *,
-        tokens: TokenBudget | None = None,
-        dollars: TokenBudget | None = None,
-        guards: Mapping[BudgetGuard, int] | None = None,
-        wait: float = 0.0,
-        max_output_tokens: int | None = None,
-        estimator: Estimator | None = None,
-        prices: PriceTable | None = None,
+        **options: Unpack[GateOptions],
     ) -> None:
-        self.gate = Gate(
-            tokens=tokens,
-            dollars=dollars,
-            guards=guards,
-            wait=wait,
-            max_output_tokens=max_output_tokens,
-            estimator=estimator,
-            prices=prices,
-        )
+        self.gate = Gate(**options)
 
     async def wrap_model_request(
         self,
