@@ -83,3 +83,25 @@ async def fleet() -> int:
     async with admit(guards={rows: 1}, tokens={tokens: 800}, timeout=5.0) as ticket:
         assert ticket.reservations[tokens].armed
     return (await llm.snapshot()).consumed + await gate(rows, tokens)
+
+
+def stacks() -> None:
+    import openai
+    from costbound import BudgetExhausted, Usage, estimate_tokens, usage_of, usd
+    from costbound.integrations import Gate
+    from costbound.integrations.openai import guard
+    from costbound.prices import Price, PriceTable, price_of
+
+    tokens, dollars = AtomicTokenBudget(2_000_000), AtomicTokenBudget(usd(5))
+    table = PriceTable({"m": Price(input=0.15, output=0.6)})
+    client: openai.OpenAI = guard(
+        openai.OpenAI(api_key="k"), tokens=tokens, dollars=dollars, wait=1.0, prices=table
+    )
+    assert client.api_key == "k"
+    used: Usage = usage_of({"prompt_tokens": 1, "completion_tokens": 2})
+    micro: int = price_of(used, model="m", table=table)
+    estimate: int = estimate_tokens("hello", max_output_tokens=10)
+    passed = Gate(tokens=tokens).enter_sync(model="m", prompt="hello")
+    passed.settle_sync(used)
+    error = BudgetExhausted(tokens, estimate + micro)
+    assert error.amount > 0
