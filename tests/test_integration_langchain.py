@@ -124,3 +124,29 @@ async def test_the_callback_handler_refunds_an_error_and_waits_for_room():
     reply = await asyncio.wait_for(call, 20.0)
     assert reply.content == "ok"
     assert room.consumed == 350
+
+
+class Streaming(GenericFakeChatModel):
+    """A chat model that streams two chunks, the last carrying the usage, as providers do."""
+
+    def _stream(self, messages, stop=None, run_manager=None, **kwargs):
+        from langchain_core.messages import AIMessageChunk
+        from langchain_core.outputs import ChatGenerationChunk
+
+        yield ChatGenerationChunk(message=AIMessageChunk(content="o"))
+        yield ChatGenerationChunk(message=AIMessageChunk(content="k", usage_metadata=USAGE))
+
+
+@pytest.mark.parametrize("cut", [False, True], ids=["complete", "cut"])
+def test_a_stream_settles_at_its_final_usage_or_the_estimate(cut):
+    tokens = AtomicTokenBudget(10_000)
+    handler = BudgetCallbackHandler(tokens=tokens, max_output_tokens=100)
+    chunks = Streaming(messages=iter([])).stream("hello", config={"callbacks": [handler]})
+    if cut:
+        next(chunks)
+        chunks.close()  # the consumer stops before the usage arrived
+        estimate = 3 + 4 + 100  # "hello": ceil(2 x 1.25) + 4 for the message, + the output bound
+        assert (tokens.consumed, tokens.available) == (estimate, 10_000 - estimate)
+    else:
+        assert "".join(chunk.content for chunk in chunks) == "ok"
+        assert tokens.consumed == 350
