@@ -105,3 +105,39 @@ async def test_wait_lets_a_call_proceed_once_room_appears(logger_of):
     response = await asyncio.wait_for(call, 20.0)
     await settled(logger, "the waiting call")
     assert tokens.consumed == response.usage.total_tokens
+
+
+@pytest.mark.asyncio
+async def test_a_stream_settles_at_its_usage_or_when_abandoned_at_the_estimate(logger_of):
+    import gc
+
+    tokens = AtomicTokenBudget(10_000)
+    logger = logger_of(tokens=tokens, max_output_tokens=100)
+    stream = await litellm.acompletion(
+        model="gpt-4o-mini",
+        messages=MESSAGES,
+        mock_response="ok then more",
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    usage = None
+    async for chunk in stream:
+        usage = getattr(chunk, "usage", None) or usage
+    await settled(logger, "the whole stream")
+    assert usage is not None
+    assert tokens.consumed == usage.total_tokens
+
+    cut = AtomicTokenBudget(10_000)
+    logger = logger_of(tokens=cut, max_output_tokens=100)
+    stream = await litellm.acompletion(
+        model="gpt-4o-mini", messages=MESSAGES, mock_response="ok then more words", stream=True
+    )
+    async for _ in stream:
+        break  # the consumer stops early and drops the stream
+    del stream
+    deadline = time.monotonic() + 20
+    while logger._passes and time.monotonic() < deadline:
+        gc.collect()  # the stream's record is freed with it (it sits in a reference cycle)
+        await asyncio.sleep(0.01)
+    assert cut.consumed == 3 + 4 + 100  # the estimate: "hello", one message, the output bound
+    assert cut.available == 10_000 - cut.consumed

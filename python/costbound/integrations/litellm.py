@@ -9,6 +9,8 @@ estimate after any other failure. Calls are matched by ``kwargs["litellm_call_id
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -49,8 +51,25 @@ class BudgetLogger(CustomLogger):
             prompt=kwargs.get("messages") or kwargs.get("input") or "",
             max_output_tokens=bound if isinstance(bound, int) else None,
         )
-        self._passes[str(kwargs.get("litellm_call_id"))] = passed
+        call_id = str(kwargs.get("litellm_call_id"))
+        self._passes[call_id] = passed
+        # A stream its consumer stops early gets no success or failure event; its logging record
+        # then dies with it, and the call is charged at the estimate.
+        record = kwargs.get("litellm_logging_obj")
+        if record is not None:
+            with contextlib.suppress(TypeError):  # not weakly referenceable: no such stand-in
+                weakref.finalize(record, self._abandoned, call_id)
         return None
+
+    def _abandoned(self, call_id: str) -> None:
+        """Charge the estimate of a call whose record went without an event settling it."""
+        passed = self._passes.pop(call_id, None)
+        if passed is not None:
+            # This runs in the garbage collector, so only with the budgets' blocking methods; a
+            # budget without them (a Redis one with no sync_client) gets its reservation back
+            # when the pass is dropped instead.
+            with contextlib.suppress(Exception):
+                passed.settle_at_estimate_sync()
 
     def _pass(self, kwargs: Mapping[str, Any]) -> Pass | None:
         return self._passes.pop(str(kwargs.get("litellm_call_id")), None)
