@@ -141,3 +141,22 @@ async def test_a_stream_settles_at_its_usage_or_when_abandoned_at_the_estimate(l
         await asyncio.sleep(0.01)
     assert cut.consumed == 3 + 4 + 100  # the estimate: "hello", one message, the output bound
     assert cut.available == 10_000 - cut.consumed
+
+
+@pytest.mark.asyncio
+async def test_dollars_are_charged_at_the_price_of_the_reported_usage(logger_of):
+    import math
+    from fractions import Fraction
+
+    from costbound.prices import Price, PriceTable
+
+    dollars = AtomicTokenBudget(1_000_000)  # micro-dollars
+    table = PriceTable({"gpt-4o-mini": Price(input=0.15, output=0.60)})
+    logger = logger_of(dollars=dollars, prices=table, max_output_tokens=100)
+    response = await litellm.acompletion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")
+    await settled(logger, "the success")
+    usage = response.usage
+    expected = math.ceil(
+        usage.prompt_tokens * Fraction("0.15") + usage.completion_tokens * Fraction("0.60")
+    )
+    assert (dollars.consumed, dollars.available) == (expected, 1_000_000 - expected)

@@ -368,3 +368,26 @@ async def test_a_responses_stream_settles_at_its_completed_usage_or_its_estimate
     else:
         assert (tokens.consumed, dollars.consumed) == (350, 450)
     assert slots.available == 4
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_lost_connection_is_charged_at_the_estimate(kind, budgets):
+    # The SDK cannot tell whether a request whose connection failed went out: it may have been
+    # billed, so the gate charges the estimate (and releases the guards).
+    tokens, dollars, slots = budgets
+
+    def lost(request):
+        raise httpx.ReadError("connection lost", request=request)
+
+    client = make(kind, lost, tokens=tokens, dollars=dollars, guards={slots: 1}, prices=TABLE)
+    with pytest.raises(openai.APIConnectionError):
+        await call(
+            kind,
+            client.chat.completions.create,
+            model="gpt-test",
+            messages=MESSAGES,
+            max_completion_tokens=100,
+        )
+    assert (tokens.consumed, dollars.consumed) == (129 + 100, 129 * 1 + 100 * 4)
+    assert slots.available == 4

@@ -240,3 +240,46 @@ async def test_with_the_real_anthropic_model_over_a_mocked_client():
     with pytest.raises(BudgetExhausted):
         await denied_bot.run("hello")
     assert len(sent) == 1  # the denied request was not sent
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("with_usage", [True, False], ids=["usage", "no-usage"])
+async def test_a_stream_of_the_real_openai_model_settles_its_usage_or_the_estimate(with_usage):
+    # pydantic-ai's own OpenAIChatModel over a mocked client: a stream whose last chunk carries
+    # the usage settles at it; one that never reports usage (pydantic-ai counts it unmeasured)
+    # was billed all the same, and is charged at the estimate.
+    import importlib
+    import json
+
+    import openai
+    from pydantic_ai.models.openai import OpenAIChatModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+
+    httpx = importlib.import_module(
+        openai.DefaultAsyncHttpxClient.__mro__[1].__module__.split(".")[0]
+    )
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-test"}
+    events = [
+        {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "o"}}]},
+        {**chunk, "choices": [{"index": 0, "delta": {"content": "k"}, "finish_reason": "stop"}]},
+    ]
+    if with_usage:
+        usage = {"prompt_tokens": 300, "completion_tokens": 50, "total_tokens": 350}
+        events.append({**chunk, "choices": [], "usage": usage})
+    body = "".join(f"data: {json.dumps(event)}\n\n" for event in events) + "data: [DONE]\n\n"
+
+    def api(request):
+        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+    client = openai.AsyncOpenAI(
+        api_key="k",
+        max_retries=0,
+        http_client=httpx.AsyncClient(transport=httpx.MockTransport(api)),
+    )
+    model = OpenAIChatModel("gpt-test", provider=OpenAIProvider(openai_client=client))
+    tokens = AtomicTokenBudget(10_000)
+    bot = Agent(model, capabilities=[BudgetCapability(tokens=tokens, max_output_tokens=100)])
+    async with bot.run_stream("hello") as result:
+        assert await result.get_output() == "ok"
+    estimate = 3 + 4 + 100  # "hello": ceil(2 x 1.25), 4 for the message, the output bound
+    assert tokens.consumed == (350 if with_usage else estimate)

@@ -62,5 +62,13 @@ class BudgetCapability(AbstractCapability[Any]):
         except BaseException:
             await passed.settle_at_estimate()
             raise
-        await passed.settle(response.usage)
+        usage = response.usage
+        if getattr(usage, "unmeasured_requests", 0) or not (
+            getattr(usage, "input_tokens", 0) or getattr(usage, "output_tokens", 0)
+        ):
+            # The provider reported no usage (a stream without its final usage chunk): the
+            # request was billed, so it is charged at the estimate.
+            await passed.settle_at_estimate()
+        else:
+            await passed.settle(usage)
         return response
