@@ -269,3 +269,15 @@ async def test_wait_lets_a_call_proceed_once_room_appears():
     await asyncio.wait_for(call, 20.0)
     assert len(server.requests) == 1
     assert tokens.consumed == TOTAL
+
+
+@pytest.mark.asyncio
+async def test_messages_given_as_an_iterator_reach_the_api(budgets):
+    server = Server()
+    client = make("async", server, **gate_for(budgets))
+    request = {**REQUEST, "messages": iter(MESSAGES)}
+    async with client.messages.stream(**request) as stream:
+        await stream.get_final_message()
+    await client.messages.create(**{**REQUEST, "messages": iter(MESSAGES)})
+    assert [sent["messages"] for sent in server.requests] == [MESSAGES, MESSAGES]
+    check(budgets, 2 * TOTAL, 2 * PRICE)

@@ -391,3 +391,20 @@ async def test_a_lost_connection_is_charged_at_the_estimate(kind, budgets):
         )
     assert (tokens.consumed, dollars.consumed) == (129 + 100, 129 * 1 + 100 * 4)
     assert slots.available == 4
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", KINDS)
+async def test_messages_given_as_an_iterator_reach_the_api(kind, budgets):
+    tokens, _, _ = budgets
+    server = Server()
+    client = make(kind, server, tokens=tokens)
+    await call(
+        kind,
+        client.chat.completions.create,
+        model="gpt-test",
+        messages=iter(MESSAGES),
+        max_completion_tokens=100,
+    )
+    assert server.requests[0]["messages"] == MESSAGES  # read once, for the estimate and the SDK
+    assert tokens.consumed == 350

@@ -51,7 +51,10 @@ def _request(kwargs: dict[str, Any]) -> tuple[object, int | None]:
         prompt.append({"content": system})
     elif system:
         prompt.append({"content": list(system)})
-    prompt.extend(kwargs.get("messages", []))
+    messages = kwargs.get("messages") or []
+    if not isinstance(messages, list):  # an iterator is read only once: keep what was read
+        messages = kwargs["messages"] = list(messages)
+    prompt.extend(messages)
     return prompt, kwargs.get("max_tokens")
 
 
@@ -103,6 +106,7 @@ def _gated_stream(
     gate: Gate, stream: Callable[..., Any], manager: type[_StreamManager | _AsyncStreamManager]
 ) -> Callable[..., Any]:
     def gated(**kwargs: object) -> _StreamManager | _AsyncStreamManager:
+        _request(kwargs)  # reads an iterator of messages into a list before the SDK keeps it
         return manager(gate, stream(**kwargs), kwargs)
 
     return gated

@@ -50,7 +50,7 @@ def _chat_request(kwargs: dict[str, Any]) -> tuple[object, int | None]:
         options["include_usage"] = True
         kwargs["stream_options"] = options
     bound = kwargs.get("max_completion_tokens") or kwargs.get("max_tokens")
-    return kwargs.get("messages", []), bound
+    return _listed(kwargs, "messages"), bound
 
 
 def _responses_request(kwargs: dict[str, Any]) -> tuple[object, int | None]:
@@ -61,8 +61,21 @@ def _responses_request(kwargs: dict[str, Any]) -> tuple[object, int | None]:
     if isinstance(given, str):
         prompt.append({"content": given})
     else:
-        prompt.extend(given)
+        prompt.extend(_listed(kwargs, "input"))
     return prompt, kwargs.get("max_output_tokens")
+
+
+def _listed(kwargs: dict[str, Any], name: str) -> list[Any]:
+    """Read the request's ``name`` argument as a list, and put the list back.
+
+    An iterator can be read only once: the SDK must get what the estimate read.
+    """
+    value = kwargs.get(name)
+    if value is None:
+        return []
+    listed = value if isinstance(value, list) else list(value)
+    kwargs[name] = listed
+    return listed
 
 
 def _usage_in(item: object) -> object | None:
