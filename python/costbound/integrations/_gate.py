@@ -141,6 +141,19 @@ class Gate:
         return Pass(self, ticket.reservations, ticket, model, total)
 
 
+def billed(error: BaseException) -> bool:
+    """Whether a request that failed with ``error`` was billed.
+
+    Not when the provider answered with an error status (400 and above: the SDKs' errors carry
+    it as ``status_code``, or on their ``response``); anything else (a lost connection, a
+    cancellation) may have gone out, and counts as billed.
+    """
+    status = getattr(error, "status_code", None)
+    if status is None:
+        status = getattr(getattr(error, "response", None), "status_code", None)
+    return not (isinstance(status, int) and status >= 400)
+
+
 class Pass:
     """One admitted request. Settle it once: ``settle``, ``refund`` or ``settle_at_estimate``."""
 
@@ -203,6 +216,13 @@ class Pass:
         if self._claim():
             await self._ticket.close()
 
+    async def fail(self, error: BaseException) -> None:
+        """Settle a request that raised ``error``: refunded if not billed, else at the estimate."""
+        if billed(error):
+            await self.settle_at_estimate()
+        else:
+            await self.refund()
+
     async def _record(self, charges: list[tuple[Any, TokenReservation, int, int]]) -> None:
         try:
             for budget, reservation, prompt, completion in charges:
@@ -224,6 +244,13 @@ class Pass:
         """Do what :meth:`refund` does, with the budgets' blocking methods."""
         if self._claim():
             self._ticket.close_sync()
+
+    def fail_sync(self, error: BaseException) -> None:
+        """Do what :meth:`fail` does, with the budgets' blocking methods."""
+        if billed(error):
+            self.settle_at_estimate_sync()
+        else:
+            self.refund_sync()
 
     def _record_sync(self, charges: list[tuple[Any, TokenReservation, int, int]]) -> None:
         try:

@@ -1,8 +1,8 @@
 """One gated SDK call, and a provider's stream watched for its usage.
 
 A gated call enters the gate (or raises ``BudgetExhausted`` and sends nothing), makes the call,
-and settles: refunded on the SDK's error-status exception, at the estimate on any other
-failure (the request may have gone out), at the response's usage on success. A stream is
+and settles: refunded after an error status, at the estimate after any other failure (the
+request may have gone out), at the response's usage on success. A stream is
 settled once when it ends, fails or is closed: at its usage if it came, else at the estimate.
 """
 
@@ -34,7 +34,6 @@ class Sdk:
     """What a gated call needs to know of one SDK."""
 
     stream: type[Any]  # the class of the streams its calls return
-    status_error: type[BaseException]  # raised for an error status: nothing was billed
     watcher: Callable[[], Watcher]  # watches one stream for its usage
     usage_in: Callable[[object], object | None]  # the usage of a whole response
 
@@ -50,11 +49,8 @@ def gated_sync(
         passed = gate.enter_sync(model=kwargs.get("model"), prompt=prompt, max_output_tokens=bound)
         try:
             response = call(*args, **kwargs)
-        except sdk.status_error:
-            passed.refund_sync()
-            raise
-        except BaseException:
-            passed.settle_at_estimate_sync()
+        except BaseException as error:
+            passed.fail_sync(error)
             raise
         if isinstance(response, sdk.stream):
             return SyncStream(response, passed, sdk.watcher())
@@ -75,11 +71,8 @@ def gated_async(
         passed = await gate.enter(model=kwargs.get("model"), prompt=prompt, max_output_tokens=bound)
         try:
             response = await call(*args, **kwargs)
-        except sdk.status_error:
-            await passed.refund()
-            raise
-        except BaseException:
-            await passed.settle_at_estimate()
+        except BaseException as error:
+            await passed.fail(error)
             raise
         if isinstance(response, sdk.stream):
             return AsyncStream(response, passed, sdk.watcher())

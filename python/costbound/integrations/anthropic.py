@@ -33,11 +33,11 @@ def guard(
     gate = Gate(**options)
     messages = client.messages
     if isinstance(client, anthropic.AsyncAnthropic):
-        sdk = Sdk(anthropic.AsyncStream, anthropic.APIStatusError, _MessageUsage, _usage_in)
+        sdk = Sdk(anthropic.AsyncStream, _MessageUsage, _usage_in)
         messages.create = gated_async(gate, sdk, messages.create, _request)  # type: ignore[method-assign]
         messages.stream = _gated_stream(gate, messages.stream, _AsyncStreamManager)  # type: ignore[method-assign]
     else:
-        sdk = Sdk(anthropic.Stream, anthropic.APIStatusError, _MessageUsage, _usage_in)
+        sdk = Sdk(anthropic.Stream, _MessageUsage, _usage_in)
         messages.create = gated_sync(gate, sdk, messages.create, _request)  # type: ignore[method-assign]
         messages.stream = _gated_stream(gate, messages.stream, _StreamManager)  # type: ignore[method-assign]
     return client
@@ -132,11 +132,8 @@ class _StreamManager:
         )
         try:
             self._stream = self._manager.__enter__()
-        except anthropic.APIStatusError:
-            passed.refund_sync()
-            raise
-        except BaseException:
-            passed.settle_at_estimate_sync()
+        except BaseException as error:
+            passed.fail_sync(error)
             raise
         self._passed = passed
         return self._stream
@@ -171,11 +168,8 @@ class _AsyncStreamManager:
         )
         try:
             self._stream = await self._manager.__aenter__()
-        except anthropic.APIStatusError:
-            await passed.refund()
-            raise
-        except BaseException:
-            await passed.settle_at_estimate()
+        except BaseException as error:
+            await passed.fail(error)
             raise
         self._passed = passed
         return self._stream

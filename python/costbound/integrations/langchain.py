@@ -26,14 +26,6 @@ if TYPE_CHECKING:
 __all__ = ["BudgetCallbackHandler", "BudgetMiddleware"]
 
 
-def _billed(error: BaseException) -> bool:
-    """Whether a failed call was billed: not when the provider answered with an error status."""
-    status = getattr(error, "status_code", None)
-    if status is None:
-        status = getattr(getattr(error, "response", None), "status_code", None)
-    return not (isinstance(status, int) and status >= 400)
-
-
 def _model_name(model: object) -> str | None:
     for attribute in ("model_name", "model", "model_id"):
         name = getattr(model, attribute, None)
@@ -85,10 +77,7 @@ class BudgetMiddleware(AgentMiddleware[Any, Any]):
         try:
             response = handler(request)
         except BaseException as error:
-            if _billed(error):
-                passed.settle_at_estimate_sync()
-            else:
-                passed.refund_sync()
+            passed.fail_sync(error)
             raise
         settle_sync(passed, _usage_of_messages(getattr(response, "result", response)))
         return response
@@ -103,10 +92,7 @@ class BudgetMiddleware(AgentMiddleware[Any, Any]):
         try:
             response = await handler(request)
         except BaseException as error:
-            if _billed(error):
-                await passed.settle_at_estimate()
-            else:
-                await passed.refund()
+            await passed.fail(error)
             raise
         await settle(passed, _usage_of_messages(getattr(response, "result", response)))
         return response
@@ -166,7 +152,4 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         passed = self._passes.pop(run_id, None)
         if passed is None:
             return
-        if _billed(error):
-            passed.settle_at_estimate_sync()
-        else:
-            passed.refund_sync()
+        passed.fail_sync(error)

@@ -97,8 +97,4 @@ class BudgetLogger(CustomLogger):
         passed = self._pass(kwargs)
         if passed is None:
             return
-        status = getattr(kwargs.get("exception"), "status_code", None)
-        if isinstance(status, int) and status >= 400:
-            await passed.refund()
-        else:
-            await passed.settle_at_estimate()
+        await passed.fail(kwargs.get("exception") or Exception("no exception given"))

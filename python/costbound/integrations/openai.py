@@ -35,7 +35,7 @@ def guard(
         wrap, stream = gated_async, openai.AsyncStream
     else:
         wrap, stream = gated_sync, openai.Stream
-    sdk = Sdk(stream, openai.APIStatusError, _LastUsage, _usage_in)
+    sdk = Sdk(stream, _LastUsage, _usage_in)
     completions = client.chat.completions
     completions.create = wrap(gate, sdk, completions.create, _chat_request)  # type: ignore[method-assign]
     responses = client.responses

@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from pydantic_ai.capabilities import AbstractCapability
-from pydantic_ai.exceptions import ModelHTTPError
 
 from costbound.integrations._gate import Gate, GateOptions
 
@@ -53,14 +52,8 @@ class BudgetCapability(AbstractCapability[Any]):
         )
         try:
             response = await handler(request_context)
-        except ModelHTTPError as error:
-            if error.status_code >= 400:  # an error status: not billed
-                await passed.refund()
-            else:
-                await passed.settle_at_estimate()
-            raise
-        except BaseException:
-            await passed.settle_at_estimate()
+        except BaseException as error:
+            await passed.fail(error)  # ModelHTTPError carries the provider's status_code
             raise
         usage = response.usage
         if getattr(usage, "unmeasured_requests", 0) or not (

@@ -369,9 +369,8 @@ class Core:
 
     def denied(self, reply: list[Any], wanted: int) -> Denied:
         """Read a denial; a waiting call raises ValueError when ``wanted`` can never fit."""
-        capacity = int(reply[2]) if len(reply) > 2 else self.capacity
         micros = int(reply[1])
-        return Denied(None if micros < 0 else max(micros, 0) / 1e6, capacity)
+        return Denied(None if micros < 0 else micros / 1e6, int(reply[2]))
 
     def lease(self, lease_id: str, leased: int, loop: asyncio.AbstractEventLoop | None) -> Lease:
         """Wrap the lease the server just granted."""
