@@ -6,7 +6,8 @@ leaves out cache reads and writes: the settlement adds them. For the sync and th
 ``messages.create`` (plain and streamed) and ``messages.stream``: a success settles exactly the
 reported usage; a stream at its final usage; a stream cut before its final delta at the
 estimate; a 429 or 500 refunds everything; a denial raises ``BudgetExhausted`` and the
-transport sees no request.
+transport sees no request; a connection lost before the response or in the middle of a stream
+is charged at the estimate.
 """
 
 from __future__ import annotations
@@ -90,15 +91,37 @@ def message_sse(cut=False):
     return "".join(f"event: {name}\ndata: {json.dumps(data)}\n\n" for name, data in events)
 
 
+class Broken(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """A response body that loses its connection after ``data``."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __iter__(self):
+        yield self.data
+        raise httpx.ReadError("connection lost")
+
+    async def __aiter__(self):
+        yield self.data
+        raise httpx.ReadError("connection lost")
+
+
 class Server:
     def __init__(self) -> None:
         self.requests: list[dict] = []
         self.status = 200
         self.cut = False
+        self.lost: str | None = None  # "before" the response, or "during" a stream
 
     def __call__(self, request):
         body = json.loads(request.content or b"{}")
         self.requests.append(body)
+        if self.lost == "before":
+            raise httpx.ReadError("connection lost", request=request)
+        if self.lost == "during":
+            data = message_sse(cut=True).encode()
+            headers = {"content-type": "text/event-stream"}
+            return httpx.Response(200, stream=Broken(data), headers=headers)
         if self.status != 200:
             error = {"type": "error", "error": {"type": "overloaded_error", "message": "no"}}
             return httpx.Response(self.status, json=error)
@@ -239,6 +262,50 @@ async def test_an_error_status_refunds_everything(kind, status, budgets):
         await open_stream(kind, client)
     assert len(server.requests) == 2
     check(budgets, 0, 0)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_lost_connection_is_charged_at_the_estimate(kind, budgets):
+    # Whether a request whose connection failed reached the model cannot be known: it may have
+    # been billed, so the gate charges the estimate (and releases the guards).
+    server = Server()
+    server.lost = "before"
+    client = make(kind, server, **gate_for(budgets))
+    with pytest.raises(anthropic.APIConnectionError):
+        await create(kind, client)
+    assert len(server.requests) == 1
+    check(budgets, ESTIMATE, ESTIMATE_PRICE)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("how", ["create", "stream"])
+async def test_a_stream_whose_connection_drops_is_charged_at_the_estimate(kind, how, budgets):
+    # The connection drops after the first events, which carry a partial usage: the request
+    # was billed for more than that, so the estimate is charged, once.
+    server = Server()
+    server.lost = "during"
+    client = make(kind, server, **gate_for(budgets))
+
+    async def read_all():
+        if how == "create":
+            await drain(kind, await create(kind, client, stream=True))
+        elif kind == "async":
+            async with client.messages.stream(**REQUEST) as stream:
+                await stream.get_final_message()
+        else:
+
+            def read():
+                with client.messages.stream(**REQUEST) as stream:
+                    stream.get_final_message()
+
+            await asyncio.to_thread(read)
+
+    with pytest.raises(httpx.ReadError):
+        await read_all()
+    assert len(server.requests) == 1
+    check(budgets, ESTIMATE, ESTIMATE_PRICE)
 
 
 @pytest.mark.asyncio

@@ -10,6 +10,8 @@ another's refund makes room; concurrent runs share one budget without overspendi
 from __future__ import annotations
 
 import asyncio
+import importlib
+import json
 
 import pytest
 from costbound import AtomicBudget, AtomicTokenBudget, BudgetExhausted
@@ -18,10 +20,14 @@ pytest.importorskip("pydantic_ai")  # pydantic-ai needs Python 3.11 (test.txt in
 from costbound.integrations.pydantic_ai import BudgetCapability
 from costbound.prices import Price, PriceTable
 from pydantic_ai import Agent
-from pydantic_ai.exceptions import ModelHTTPError
+from pydantic_ai.exceptions import ModelAPIError, ModelHTTPError
 from pydantic_ai.messages import ModelResponse, TextPart, ToolCallPart
 from pydantic_ai.models.function import AgentInfo, FunctionModel
 from pydantic_ai.usage import RequestUsage
+
+anthropic = pytest.importorskip("anthropic")
+from pydantic_ai.models.anthropic import AnthropicModel  # noqa: E402
+from pydantic_ai.providers.anthropic import AnthropicProvider  # noqa: E402
 
 TABLE = PriceTable({"fake": Price(input=1, output=4, cached_input=0.5)})
 USAGE = RequestUsage(input_tokens=300, output_tokens=50, cache_read_tokens=100)
@@ -169,42 +175,27 @@ async def test_with_test_model_the_run_usage_is_what_was_charged():
     assert tokens.consumed == usage.input_tokens + usage.output_tokens > 0
 
 
-@pytest.mark.asyncio
-async def test_with_the_real_anthropic_model_over_a_mocked_client():
-    # pydantic-ai's own AnthropicModel parses the Anthropic SDK's response, whose input_tokens
-    # leave out the cache: the capability settles pydantic-ai's all-included count.
-    import importlib
-    import json
+ANTHROPIC_MESSAGE = {
+    "id": "m1",
+    "type": "message",
+    "role": "assistant",
+    "model": "claude-haiku-4-5",
+    "content": [{"type": "text", "text": "ok"}],
+    "stop_reason": "end_turn",
+    "stop_sequence": None,
+    "usage": {"input_tokens": 20, "cache_read_input_tokens": 1_000, "output_tokens": 5},
+}
 
-    import anthropic
-    from pydantic_ai.models.anthropic import AnthropicModel
-    from pydantic_ai.providers.anthropic import AnthropicProvider
 
-    httpx = importlib.import_module(
-        anthropic.DefaultAsyncHttpxClient.__mro__[1].__module__.split(".")[0]
-    )
-    sent = []
-
-    message = {
-        "id": "m1",
-        "type": "message",
-        "role": "assistant",
-        "model": "claude-haiku-4-5",
-        "content": [{"type": "text", "text": "ok"}],
-        "stop_reason": "end_turn",
-        "stop_sequence": None,
-        "usage": {"input_tokens": 20, "cache_read_input_tokens": 1_000, "output_tokens": 5},
-    }
-    start = {**message, "content": [], "stop_reason": None}
-    start["usage"] = {**message["usage"], "output_tokens": 1}
+def anthropic_events(upto=None):
+    """The server-sent events of ANTHROPIC_MESSAGE, or their first ``upto``."""
+    start = {**ANTHROPIC_MESSAGE, "content": [], "stop_reason": None}
+    start["usage"] = {**ANTHROPIC_MESSAGE["usage"], "output_tokens": 1}
     events = [
         {"type": "message_start", "message": start},
         {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-        {
-            "type": "content_block_delta",
-            "index": 0,
-            "delta": {"type": "text_delta", "text": "ok"},
-        },
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "o"}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "k"}},
         {"type": "content_block_stop", "index": 0},
         {
             "type": "message_delta",
@@ -212,34 +203,89 @@ async def test_with_the_real_anthropic_model_over_a_mocked_client():
             "usage": {"output_tokens": 5},
         },
         {"type": "message_stop"},
-    ]
-    sse = "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events)
+    ][:upto]
+    return "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events).encode()
 
-    def api(request):
+
+class AnthropicApi:
+    """Anthropic's messages API over a mock transport: whole, cut short, or dropped mid-stream."""
+
+    def __init__(self, mode: str = "whole") -> None:
+        self.sent: list[dict] = []
+        self.mode = mode
+        self.httpx = importlib.import_module(
+            anthropic.DefaultAsyncHttpxClient.__mro__[1].__module__.split(".")[0]
+        )
+
+    def __call__(self, request):
+        httpx = self.httpx
         body = json.loads(request.content)
-        sent.append(body)
-        if body.get("stream"):  # pydantic-ai may stream even a plain run
-            return httpx.Response(200, text=sse, headers={"content-type": "text/event-stream"})
-        return httpx.Response(200, json=message)
+        self.sent.append(body)
+        if not body.get("stream"):
+            return httpx.Response(200, json=ANTHROPIC_MESSAGE)
+        sse = {"content-type": "text/event-stream"}
+        if self.mode == "whole":
+            return httpx.Response(200, content=anthropic_events(), headers=sse)
+        if self.mode == "ends-early":  # the body ends cleanly after the first text
+            return httpx.Response(200, content=anthropic_events(upto=3), headers=sse)
 
-    client = anthropic.AsyncAnthropic(
-        api_key="k",
-        max_retries=0,
-        http_client=httpx.AsyncClient(transport=httpx.MockTransport(api)),
-    )
-    model = AnthropicModel("claude-haiku-4-5", provider=AnthropicProvider(anthropic_client=client))
+        class Dropped(httpx.AsyncByteStream):
+            async def __aiter__(self):
+                yield anthropic_events(upto=3)
+                raise httpx.ReadError("connection lost")
+
+        return httpx.Response(200, stream=Dropped(), headers=sse)
+
+    def model(self):
+        client = anthropic.AsyncAnthropic(
+            api_key="k",
+            max_retries=0,
+            http_client=self.httpx.AsyncClient(transport=self.httpx.MockTransport(self)),
+        )
+        provider = AnthropicProvider(anthropic_client=client)
+        return AnthropicModel("claude-haiku-4-5", provider=provider)
+
+
+@pytest.mark.asyncio
+async def test_with_the_real_anthropic_model_over_a_mocked_client():
+    # pydantic-ai's own AnthropicModel parses the Anthropic SDK's response, whose input_tokens
+    # leave out the cache: the capability settles pydantic-ai's all-included count.
+    api = AnthropicApi()
     tokens = AtomicTokenBudget(100_000)
-    bot = Agent(model, capabilities=[BudgetCapability(tokens=tokens)])
+    bot = Agent(api.model(), capabilities=[BudgetCapability(tokens=tokens)])
     result = await bot.run("hello")
     assert result.output == "ok"
-    assert len(sent) == 1
+    assert len(api.sent) == 1
     assert tokens.consumed == 20 + 1_000 + 5
 
     small = AtomicTokenBudget(10)
-    denied_bot = Agent(model, capabilities=[BudgetCapability(tokens=small)])
+    denied_bot = Agent(api.model(), capabilities=[BudgetCapability(tokens=small)])
     with pytest.raises(BudgetExhausted):
         await denied_bot.run("hello")
-    assert len(sent) == 1  # the denied request was not sent
+    assert len(api.sent) == 1  # the denied request was not sent
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mode", ["whole", "ends-early", "dropped"])
+async def test_run_stream_of_the_real_anthropic_model(mode):
+    # A whole stream settles at its final usage. One that ends early keeps the partial usage of
+    # its first event (1,021 tokens here) and no finish reason; one whose connection drops
+    # raises out of the run. Both were billed for more than they reported: the estimate.
+    api = AnthropicApi(mode)
+    tokens, slots = AtomicTokenBudget(100_000), AtomicBudget(1)
+    gate = BudgetCapability(tokens=tokens, guards={slots: 1}, max_output_tokens=100)
+    bot = Agent(api.model(), capabilities=[gate])
+    if mode == "dropped":
+        with pytest.raises(ModelAPIError):
+            async with bot.run_stream("hello") as result:
+                await result.get_output()
+    else:
+        async with bot.run_stream("hello") as result:
+            assert await result.get_output() == ("ok" if mode == "whole" else "o")
+    assert len(api.sent) == 1
+    estimate = 3 + 4 + 100  # "hello": ceil(2 x 1.25), 4 for the message, the output bound
+    assert tokens.consumed == (20 + 1_000 + 5 if mode == "whole" else estimate)
+    assert (tokens.available, slots.available) == (100_000 - tokens.consumed, 1)
 
 
 @pytest.mark.asyncio

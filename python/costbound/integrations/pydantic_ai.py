@@ -6,7 +6,8 @@ pydantic-ai's own usage limits count one run at a time, so concurrent runs overs
 a ``BudgetCapability`` takes the shared budgets before each model request of ``run``,
 ``run_sync`` and ``run_stream`` (or raises ``BudgetExhausted``, which reaches the caller, and the
 request is not made) and settles at the request's reported usage; an error status from the
-provider refunds everything, any other failure is charged at the estimate.
+provider refunds everything; any other failure, and a response whose final usage never
+arrived, is charged at the estimate.
 """
 
 from __future__ import annotations
@@ -55,13 +56,34 @@ class BudgetCapability(AbstractCapability[Any]):
         except BaseException as error:
             await passed.fail(error)  # ModelHTTPError carries the provider's status_code
             raise
-        usage = response.usage
-        if getattr(usage, "unmeasured_requests", 0) or not (
-            getattr(usage, "input_tokens", 0) or getattr(usage, "output_tokens", 0)
-        ):
-            # The provider reported no usage (a stream without its final usage chunk): the
-            # request was billed, so it is charged at the estimate.
-            await passed.settle_at_estimate()
+        if _finished(response):
+            await passed.settle(response.usage)
         else:
-            await passed.settle(usage)
+            # The request was billed but its final usage never arrived (a stream cut short, or
+            # one that reported none): it is charged at the estimate.
+            await passed.settle_at_estimate()
         return response
+
+
+#: Models that run in the process (pydantic-ai's ``FunctionModel`` and ``TestModel``): they
+#: count their usage themselves and set no finish reason.
+_LOCAL_PROVIDERS = frozenset({None, "function", "test"})
+
+
+def _finished(response: Any) -> bool:  # noqa: ANN401 - pydantic-ai's ModelResponse
+    """Whether ``response`` carries its request's final usage.
+
+    It does not when pydantic-ai reports the usage unmeasured or zero (a stream whose provider
+    never sent its usage), when the stream stopped before its end (``state`` ``"incomplete"`` or
+    ``"interrupted"``), or when a provider's response has no finish reason: a provider's stream
+    that ends early without an error (Anthropic's with no ``message_delta``, say) keeps the
+    partial usage of its first event, and only its missing finish reason tells it apart.
+    """
+    usage = response.usage
+    if getattr(usage, "unmeasured_requests", 0) or not (
+        getattr(usage, "input_tokens", 0) or getattr(usage, "output_tokens", 0)
+    ):
+        return False
+    if getattr(response, "state", "complete") in ("incomplete", "interrupted"):
+        return False
+    return response.finish_reason is not None or response.provider_name in _LOCAL_PROVIDERS
