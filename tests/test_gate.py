@@ -190,3 +190,42 @@ def test_gate_arguments_are_checked():
     with pytest.raises(ValueError, match="unknown-model"):
         Gate(dollars=dollars, prices=TABLE).enter_sync(model="unknown-model", prompt="x")
     assert dollars.available == 10  # nothing taken by a request that could not be priced
+
+
+def test_which_failures_count_as_billed():
+    # The SDKs' own error types: an answered error status was not billed; an unanswered request
+    # (lost connection, timeout) may have been, whatever status LiteLLM makes up for it.
+    import importlib
+
+    import litellm
+    import openai
+    from costbound.integrations._gate import billed
+
+    httpx = importlib.import_module(openai.DefaultHttpxClient.__mro__[1].__module__.split(".")[0])
+
+    request = httpx.Request("POST", "https://api.example/v1")
+    answered = openai.RateLimitError(
+        "slow down", response=httpx.Response(429, request=request), body=None
+    )
+    assert not billed(answered)
+    assert not billed(
+        openai.InternalServerError("no", response=httpx.Response(500, request=request), body=None)
+    )
+    assert billed(openai.APIConnectionError(request=request))
+    assert billed(openai.APITimeoutError(request=request))
+    assert billed(litellm.APIConnectionError("lost", llm_provider="openai", model="m"))
+    assert billed(litellm.Timeout("slow", model="m", llm_provider="openai"))
+    assert billed(ConnectionResetError("lost"))
+    assert billed(asyncio.CancelledError())
+
+    # LiteLLM's made-up "500" for a connection the SDK lost: its context is the SDK's error.
+    def wrap_lost_connection():
+        try:
+            raise openai.APIConnectionError(request=request)
+        except openai.APIConnectionError:
+            raise litellm.InternalServerError("lost", llm_provider="openai", model="m")  # noqa: B904
+
+    with pytest.raises(litellm.InternalServerError) as wrapped:
+        wrap_lost_connection()
+    assert wrapped.value.status_code == 500
+    assert billed(wrapped.value)

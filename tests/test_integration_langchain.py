@@ -4,7 +4,8 @@
 chat model's calls, both with LangChain's fake chat model answering messages that carry usage
 metadata: a success settles exactly the reported usage; an error status refunds everything; a
 denial stops the call (the model is not called) and reaches the caller; ``wait`` lets a call
-proceed once another's refund makes room.
+proceed once another's refund makes room; a named model's calls are priced on a dollar budget; a
+lost connection, and a stream cut short, are charged at the estimate.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import asyncio
 import pytest
 from costbound import AtomicBudget, AtomicTokenBudget, BudgetExhausted
 from costbound.integrations.langchain import BudgetCallbackHandler, BudgetMiddleware
+from costbound.prices import Price, PriceTable
 from langchain.agents import create_agent
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage
@@ -150,3 +152,66 @@ def test_a_stream_settles_at_its_final_usage_or_the_estimate(cut):
     else:
         assert "".join(chunk.content for chunk in chunks) == "ok"
         assert tokens.consumed == 350
+
+
+class Named(GenericFakeChatModel):
+    """A fake chat model with a model name, as real ones have, so its calls can be priced."""
+
+    model_name: str = "fake-gpt"
+
+
+TABLE = PriceTable({"fake-gpt": Price(input=2, output=8, cached_input=1)})
+PRICE = 200 * 2 + 100 * 1 + 50 * 8  # 900 micro-dollars: USAGE less its cache, the cache, output
+
+
+def named(count: int = 1) -> Named:
+    return Named(messages=iter([AIMessage(content="ok", usage_metadata=USAGE)] * count))
+
+
+@pytest.mark.asyncio
+async def test_a_named_model_is_priced_on_the_dollar_budget():
+    # The dollar budget holds the worst case: 4,096 output tokens (no bound set) at 8 µ$ each.
+    tokens, dollars = AtomicTokenBudget(10_000), AtomicTokenBudget(100_000)
+    gate = {"tokens": tokens, "dollars": dollars, "prices": TABLE}
+    agent = create_agent(named(), middleware=[BudgetMiddleware(**gate)])
+    await agent.ainvoke({"messages": [{"role": "user", "content": "hello"}]})
+    assert (tokens.consumed, dollars.consumed) == (350, PRICE)
+
+    reply = named().invoke("hello", config={"callbacks": [BudgetCallbackHandler(**gate)]})
+    assert reply.content == "ok"
+    assert (tokens.consumed, dollars.consumed) == (700, 2 * PRICE)
+    assert (tokens.available, dollars.available) == (10_000 - 700, 100_000 - 2 * PRICE)
+
+    unpriced = {"dollars": dollars, "prices": PriceTable({})}  # a model the table lacks
+    with pytest.raises(ValueError, match="fake-gpt"):
+        named().invoke("hello", config={"callbacks": [BudgetCallbackHandler(**unpriced)]})
+    assert dollars.available == 100_000 - 2 * PRICE
+
+
+class Disconnected(Named):
+    """A chat model whose connection is lost after its request went out (no status)."""
+
+    def _generate(self, *args, **kwargs):
+        raise ConnectionResetError("connection lost")
+
+    async def _agenerate(self, *args, **kwargs):
+        raise ConnectionResetError("connection lost")
+
+
+@pytest.mark.asyncio
+async def test_a_lost_connection_is_charged_at_the_estimate():
+    tokens, dollars, slots = AtomicTokenBudget(10_000), AtomicTokenBudget(10_000), AtomicBudget(1)
+    gate = {"tokens": tokens, "dollars": dollars, "guards": {slots: 1}, "prices": TABLE}
+    gate["max_output_tokens"] = 100
+    estimate = 3 + 4 + 100  # "hello": ceil(2 x 1.25) + 4 for the message, + the output bound
+    agent = create_agent(Disconnected(messages=iter([])), middleware=[BudgetMiddleware(**gate)])
+    with pytest.raises(ConnectionResetError):
+        await agent.ainvoke({"messages": [{"role": "user", "content": "hello"}]})
+    assert (tokens.consumed, dollars.consumed) == (estimate, 7 * 2 + 100 * 8)
+    assert slots.available == 1
+
+    handler = BudgetCallbackHandler(**gate)
+    with pytest.raises(ConnectionResetError):
+        Disconnected(messages=iter([])).invoke("hello", config={"callbacks": [handler]})
+    assert (tokens.consumed, dollars.consumed) == (2 * estimate, 2 * (7 * 2 + 100 * 8))
+    assert slots.available == 1

@@ -160,3 +160,67 @@ async def test_dollars_are_charged_at_the_price_of_the_reported_usage(logger_of)
         usage.prompt_tokens * Fraction("0.15") + usage.completion_tokens * Fraction("0.60")
     )
     assert (dollars.consumed, dollars.available) == (expected, 1_000_000 - expected)
+
+
+def openai_client(api):
+    """An AsyncOpenAI client over a mock transport, for LiteLLM's ``client=``."""
+    import importlib
+
+    import openai
+
+    httpx = importlib.import_module(
+        openai.DefaultAsyncHttpxClient.__mro__[1].__module__.split(".")[0]
+    )
+    transport = httpx.MockTransport(lambda request: api(httpx, request))
+    return openai.AsyncOpenAI(
+        api_key="k", max_retries=0, http_client=httpx.AsyncClient(transport=transport)
+    )
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("answer", ["lost", 429, 200])
+async def test_through_the_openai_sdk_a_lost_connection_is_charged_at_the_estimate(
+    logger_of, answer
+):
+    # LiteLLM turns the SDK's lost connection into an InternalServerError with a made-up status
+    # of 500, caused by the SDK's APIConnectionError: the gate knows it for an unanswered
+    # request, which may have been billed, so the estimate is charged. A real 429 answer
+    # refunds; a real 200 settles its usage.
+    tokens, slots = AtomicTokenBudget(10_000), AtomicBudget(1)
+    logger = logger_of(tokens=tokens, guards={slots: 1}, max_output_tokens=100)
+    sent = []
+
+    def api(httpx, request):
+        sent.append(request)
+        if answer == "lost":
+            raise httpx.ReadError("connection lost", request=request)
+        if answer == 429:
+            return httpx.Response(429, json={"error": {"message": "slow down", "type": "rate"}})
+        usage = {"prompt_tokens": 30, "completion_tokens": 5, "total_tokens": 35}
+        message = {"role": "assistant", "content": "ok"}
+        choice = {"index": 0, "message": message, "finish_reason": "stop"}
+        body = {"id": "c", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini"}
+        return httpx.Response(200, json={**body, "choices": [choice], "usage": usage})
+
+    client = openai_client(api)
+    # LiteLLM sets the client's retries itself (2 unless told): one request, here.
+    call = litellm.acompletion(
+        model="openai/gpt-4o-mini", messages=MESSAGES, client=client, api_key="k", max_retries=0
+    )
+    if answer == "lost":
+        with pytest.raises(litellm.InternalServerError) as raised:
+            await call
+        assert raised.value.status_code == 500
+    elif answer == 429:
+        with pytest.raises(litellm.RateLimitError):
+            await call
+    else:
+        await call
+    await settled(logger, f"the call answered {answer}")
+    assert len(sent) == 1
+    expected = {"lost": 3 + 4 + 100, 429: 0, 200: 35}[answer]
+    assert (tokens.consumed, tokens.available, slots.available) == (
+        expected,
+        10_000 - expected,
+        1,
+    )

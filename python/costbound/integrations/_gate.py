@@ -141,13 +141,27 @@ class Gate:
         return Pass(self, ticket.reservations, ticket, model, total)
 
 
+#: The SDKs' errors for a request that got no answer: OpenAI's and Anthropic's. LiteLLM's own
+#: errors subclass them with a made-up ``status_code`` (500, 408), or wrap them as a made-up
+#: "500 Internal Server Error" whose ``__context__`` is the SDK's error.
+_UNANSWERED = frozenset({"APIConnectionError", "APITimeoutError"})
+
+
 def billed(error: BaseException) -> bool:
     """Whether a request that failed with ``error`` was billed.
 
     Not when the provider answered with an error status (400 and above: the SDKs' errors carry
     it as ``status_code``, or on their ``response``); anything else (a lost connection, a
-    cancellation) may have gone out, and counts as billed.
+    timeout, a cancellation) may have gone out, and counts as billed. An error caused by an
+    SDK's connection or timeout error counts as billed whatever status it claims.
     """
+    link: BaseException | None = error
+    for _ in range(16):  # the chain of causes, cut short in case it loops
+        if link is None:
+            break
+        if any(cls.__name__ in _UNANSWERED for cls in type(link).__mro__):
+            return True
+        link = link.__cause__ or link.__context__
     status = getattr(error, "status_code", None)
     if status is None:
         status = getattr(getattr(error, "response", None), "status_code", None)
