@@ -32,11 +32,12 @@ def logger_of():
     """Install a BudgetLogger as LiteLLM's only callback for one test.
 
     LiteLLM copies ``litellm.callbacks`` into its own success and failure lists on first use,
-    so those are reset too, before and after: each test's logger hears its own calls only.
+    so those are reset too, at each install and after: each logger hears its own calls only.
     """
     litellm.logging_callback_manager._reset_all_callbacks()
 
     def install(**gate):
+        litellm.logging_callback_manager._reset_all_callbacks()  # the last one installed, too
         logger = BudgetLogger(**gate)
         litellm.callbacks = [logger]
         return logger
@@ -224,3 +225,26 @@ async def test_through_the_openai_sdk_a_lost_connection_is_charged_at_the_estima
         10_000 - expected,
         1,
     )
+
+
+@pytest.mark.asyncio
+async def test_a_synchronous_completion_is_not_gated_and_says_so(logger_of):
+    # LiteLLM has no hook that can stop a synchronous completion(): the logger warns instead of
+    # letting it through unseen, and charges nothing. An acompletion() is gated without a word.
+    import warnings
+
+    tokens = AtomicTokenBudget(10_000)
+    logger = logger_of(tokens=tokens)
+    with pytest.warns(RuntimeWarning, match="did not gate this LiteLLM call"):
+        response = await asyncio.to_thread(
+            litellm.completion, model="gpt-4o-mini", messages=MESSAGES, mock_response="ok"
+        )
+    assert response.choices[0].message.content == "ok"
+    assert (tokens.available, tokens.consumed) == (10_000, 0)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        await litellm.acompletion(model="gpt-4o-mini", messages=MESSAGES, mock_response="ok")
+        await settled(logger, "the async call")
+    assert not [w for w in caught if "did not gate" in str(w.message)]
+    assert tokens.consumed > 0

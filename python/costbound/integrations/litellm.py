@@ -5,11 +5,16 @@ that can stop a call, so the budgets are taken there (a denial raises ``BudgetEx
 ``acompletion`` and no request is made). The call settles in ``async_log_success_event`` at the
 response's usage, or in ``async_log_failure_event``: refunded after an error status, at the
 estimate after any other failure. Calls are matched by ``kwargs["litellm_call_id"]``.
+
+LiteLLM runs no hook that can stop a synchronous ``completion()``, so only ``acompletion`` is
+gated. A call that reaches the provider without passing the gate (a synchronous one, say) is
+not charged either; the logger warns of it (``RuntimeWarning``) rather than let it pass unseen.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -60,6 +65,22 @@ class BudgetLogger(CustomLogger):
             with contextlib.suppress(TypeError):  # not weakly referenceable: no such stand-in
                 weakref.finalize(record, self._abandoned, call_id)
         return None
+
+    def log_pre_api_call(
+        self,
+        model: object,
+        messages: object,
+        kwargs: dict[str, Any],
+    ) -> None:
+        """Warn of a call about to be sent that the gate never saw (LiteLLM cannot stop it)."""
+        if str(kwargs.get("litellm_call_id")) not in self._passes:
+            warnings.warn(
+                f"costbound's BudgetLogger did not gate this LiteLLM call to {model!r}: LiteLLM "
+                "runs no hook that can stop a synchronous completion(), so it is neither gated "
+                "nor charged; use acompletion()",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def _abandoned(self, call_id: str) -> None:
         """Charge the estimate of a call whose record went without an event settling it."""
