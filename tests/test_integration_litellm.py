@@ -179,14 +179,14 @@ def openai_client(api):
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("answer", ["lost", 429, 200])
+@pytest.mark.parametrize("answer", ["lost", 429, 500, 200, "denied"])
 async def test_through_the_openai_sdk_a_lost_connection_is_charged_at_the_estimate(
     logger_of, answer
 ):
     # LiteLLM turns the SDK's lost connection into an InternalServerError with a made-up status
     # of 500, caused by the SDK's APIConnectionError: the gate knows it for an unanswered
-    # request, which may have been billed, so the estimate is charged. A real 429 answer
-    # refunds; a real 200 settles its usage.
+    # request, which may have been billed, so the estimate is charged. A real 429 or 500 answer
+    # refunds; a real 200 settles its usage; a denial sends nothing.
     tokens, slots = AtomicTokenBudget(10_000), AtomicBudget(1)
     logger = logger_of(tokens=tokens, guards={slots: 1}, max_output_tokens=100)
     sent = []
@@ -195,8 +195,8 @@ async def test_through_the_openai_sdk_a_lost_connection_is_charged_at_the_estima
         sent.append(request)
         if answer == "lost":
             raise httpx.ReadError("connection lost", request=request)
-        if answer == 429:
-            return httpx.Response(429, json={"error": {"message": "slow down", "type": "rate"}})
+        if answer in (429, 500):
+            return httpx.Response(answer, json={"error": {"message": "no", "type": "server"}})
         usage = {"prompt_tokens": 30, "completion_tokens": 5, "total_tokens": 35}
         message = {"role": "assistant", "content": "ok"}
         choice = {"index": 0, "message": message, "finish_reason": "stop"}
@@ -204,6 +204,8 @@ async def test_through_the_openai_sdk_a_lost_connection_is_charged_at_the_estima
         return httpx.Response(200, json={**body, "choices": [choice], "usage": usage})
 
     client = openai_client(api)
+    if answer == "denied":
+        assert slots.try_reserve_sync(1)  # another call holds the one slot
     # LiteLLM sets the client's retries itself (2 unless told): one request, here.
     call = litellm.acompletion(
         model="openai/gpt-4o-mini", messages=MESSAGES, client=client, api_key="k", max_retries=0
@@ -215,11 +217,19 @@ async def test_through_the_openai_sdk_a_lost_connection_is_charged_at_the_estima
     elif answer == 429:
         with pytest.raises(litellm.RateLimitError):
             await call
+    elif answer == 500:
+        with pytest.raises(litellm.InternalServerError):
+            await call
+    elif answer == "denied":
+        with pytest.raises(BudgetExhausted) as denied:
+            await call
+        assert denied.value.budget is slots
+        slots.release_sync(1)
     else:
         await call
     await settled(logger, f"the call answered {answer}")
-    assert len(sent) == 1
-    expected = {"lost": 3 + 4 + 100, 429: 0, 200: 35}[answer]
+    assert len(sent) == (0 if answer == "denied" else 1)
+    expected = {"lost": 3 + 4 + 100, 429: 0, 500: 0, 200: 35, "denied": 0}[answer]
     assert (tokens.consumed, tokens.available, slots.available) == (
         expected,
         10_000 - expected,

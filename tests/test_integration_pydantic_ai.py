@@ -329,3 +329,35 @@ async def test_a_stream_of_the_real_openai_model_settles_its_usage_or_the_estima
         assert await result.get_output() == "ok"
     estimate = 3 + 4 + 100  # "hello": ceil(2 x 1.25), 4 for the message, the output bound
     assert tokens.consumed == (350 if with_usage else estimate)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("status", [429, 500])
+async def test_an_error_status_from_the_real_openai_model_refunds_everything(status):
+    # pydantic-ai turns the SDK's error into a ModelHTTPError with the provider's status.
+    import openai
+    from pydantic_ai.models.openai import OpenAIChatModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+
+    httpx = importlib.import_module(
+        openai.DefaultAsyncHttpxClient.__mro__[1].__module__.split(".")[0]
+    )
+    sent = []
+
+    def api(request):
+        sent.append(request)
+        return httpx.Response(status, json={"error": {"message": "no", "type": "server"}})
+
+    client = openai.AsyncOpenAI(
+        api_key="k",
+        max_retries=0,
+        http_client=httpx.AsyncClient(transport=httpx.MockTransport(api)),
+    )
+    model = OpenAIChatModel("gpt-test", provider=OpenAIProvider(openai_client=client))
+    tokens, slots = AtomicTokenBudget(10_000), AtomicBudget(1)
+    bot = Agent(model, capabilities=[BudgetCapability(tokens=tokens, guards={slots: 1})])
+    with pytest.raises(ModelHTTPError) as raised:
+        await bot.run("hello")
+    assert raised.value.status_code == status
+    assert len(sent) == 1
+    assert (tokens.available, tokens.consumed, slots.available) == (10_000, 0, 1)
