@@ -76,6 +76,21 @@ async def test_usage_that_never_arrived_is_charged_at_the_estimate(backend):
 
 
 @pytest.mark.asyncio
+async def test_a_usage_that_cannot_be_read_is_charged_at_the_estimate_with_a_warning(backend):
+    # A success whose usage costbound cannot read (a new SDK shape, say) was billed all the
+    # same: it is charged at the estimate, and the warning names what could not be read.
+    tokens, dollars, slots = _budgets(backend)
+    gate = Gate(tokens=tokens, dollars=dollars, guards={slots: 1}, prices=TABLE)
+    passed = await gate.enter(model="m", prompt=PROMPT, max_output_tokens=100)
+    with pytest.warns(RuntimeWarning, match="cannot read the usage of this m response.*object"):
+        await passed.settle(object())
+    assert passed.settled
+    assert (await backend.state(tokens)).consumed == INPUT + 100
+    assert (await backend.state(dollars)).consumed == 529
+    assert (await backend.state(slots)).available == 2
+
+
+@pytest.mark.asyncio
 async def test_a_denial_names_the_budget_and_holds_nothing(backend):
     tokens, dollars, slots = _budgets(backend)
     assert await slots.try_reserve(2)

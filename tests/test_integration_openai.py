@@ -96,7 +96,11 @@ def responses_sse(mode):
             "logprobs": [],
         },
     ]
-    if mode != "sse-cut":
+    if mode == "sse-incomplete":  # stopped at max_output_tokens: billed, with its usage
+        incomplete = {**responses_json(), "status": "incomplete"}
+        incomplete["incomplete_details"] = {"reason": "max_output_tokens"}
+        events.append({"type": "response.incomplete", "sequence_number": 2, "response": incomplete})
+    elif mode != "sse-cut":
         events.append(
             {"type": "response.completed", "sequence_number": 2, "response": responses_json()}
         )
@@ -345,13 +349,16 @@ async def test_wait_lets_a_call_proceed_once_another_calls_refund_makes_room():
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("cut", [False, True], ids=["completed", "cut"])
+@pytest.mark.parametrize("mode", ["sse", "sse-incomplete", "sse-cut"])
 async def test_a_responses_stream_settles_at_its_completed_usage_or_its_estimate(
-    kind, cut, budgets
+    kind, mode, budgets
 ):
+    # Completed, or incomplete (stopped at max_output_tokens): both carry the usage billed. A
+    # stream cut before either is charged at the estimate.
     tokens, dollars, slots = budgets
     server = Server()
-    server.mode = "sse-cut" if cut else "sse"
+    server.mode = mode
+    cut = mode == "sse-cut"
     client = make(kind, server, tokens=tokens, dollars=dollars, guards={slots: 1}, prices=TABLE)
     stream = await call(
         kind,

@@ -15,6 +15,7 @@ methods.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, TypedDict
 
@@ -215,10 +216,27 @@ class Pass:
             charges.append((gate.dollars, r, price, 0))
         return charges
 
+    def _read(self, usage: object) -> Usage | None:
+        """``usage_of(usage)``; None (and a warning) when it is no usage costbound can read."""
+        try:
+            return usage_of(usage)
+        except TypeError as error:
+            warnings.warn(
+                f"costbound cannot read the usage of this {self.model or 'model'} response "
+                f"({error}); it is charged at its estimate",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
+
     async def settle(self, usage: object) -> None:
-        """Charge what the provider reported (``usage_of(usage)``), release the guards."""
+        """Charge what the provider reported (``usage_of(usage)``), release the guards.
+
+        A usage ``usage_of`` cannot read is charged at the estimate, with a ``RuntimeWarning``:
+        the call succeeded, and was billed.
+        """
         if self._claim():
-            await self._record(self._charges(usage_of(usage)))
+            await self._record(self._charges(self._read(usage)))
 
     async def settle_at_estimate(self) -> None:
         """Charge the estimates (sent, but no usage arrived), release the guards."""
@@ -247,7 +265,7 @@ class Pass:
     def settle_sync(self, usage: object) -> None:
         """Do what :meth:`settle` does, with the budgets' blocking methods."""
         if self._claim():
-            self._record_sync(self._charges(usage_of(usage)))
+            self._record_sync(self._charges(self._read(usage)))
 
     def settle_at_estimate_sync(self) -> None:
         """Do what :meth:`settle_at_estimate` does, with the budgets' blocking methods."""

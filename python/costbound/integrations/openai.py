@@ -78,12 +78,17 @@ def _listed(kwargs: dict[str, Any], name: str) -> list[Any]:
     return listed
 
 
+#: The Responses stream events that end a response, each carrying the response with its usage
+#: (an incomplete one stopped at ``max_output_tokens``, say, was billed all the same).
+_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
 def _usage_in(item: object) -> object | None:
     """Find the usage a response, a chat chunk or a Responses stream event carries, if any."""
     usage: object | None = getattr(item, "usage", None)
     if usage is not None:
         return usage
-    if getattr(item, "type", None) == "response.completed":
+    if getattr(item, "type", None) in _ENDS:
         completed: object | None = getattr(getattr(item, "response", None), "usage", None)
         return completed
     return None
