@@ -507,3 +507,34 @@ def test_importing_costbound_imports_no_sdk():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+INTEGRATIONS = {
+    "openai": "openai",
+    "anthropic": "anthropic",
+    "pydantic_ai": "pydantic_ai.capabilities",
+    "langchain": "langchain.agents.middleware, langchain_core.callbacks",
+    "litellm": "litellm.integrations.custom_logger",
+}
+
+
+@pytest.mark.parametrize("name", sorted(INTEGRATIONS))
+def test_each_integration_imports_only_its_own_sdk(name):
+    # Importing costbound.integrations.<name> loads nothing beyond what importing its SDK
+    # (the parts it uses) loads by itself, and costbound's own modules.
+    import importlib.util
+    import subprocess
+    import sys
+
+    sdk = INTEGRATIONS[name]
+    if importlib.util.find_spec(sdk.split(".")[0].split(",")[0]) is None:
+        pytest.skip(f"{sdk} is not installed on this Python")  # pydantic-ai on 3.10
+    code = (
+        "import os, sys; os.environ['LITELLM_LOCAL_MODEL_COST_MAP'] = 'True'; "
+        "import costbound, costbound.prices; "
+        f"import {sdk}; before = set(sys.modules); "
+        f"import costbound.integrations.{name}; "
+        "print(sorted(m for m in set(sys.modules) - before if not m.startswith('costbound')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
