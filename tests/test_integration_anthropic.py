@@ -40,13 +40,13 @@ TOTAL = 50 + 1_000 + 150 + 300
 PRICE = 50 * 1 + 1_000 * 0.5 + 150 * 2 + 300 * 4  # 2,050 micro-dollars
 
 
-def message_json():
+def message_json(text="ok"):
     return {
         "id": "m1",
         "type": "message",
         "role": "assistant",
         "model": "claude-test",
-        "content": [{"type": "text", "text": "ok"}],
+        "content": [{"type": "text", "text": text}],
         "stop_reason": "end_turn",
         "stop_sequence": None,
         "usage": USAGE,
@@ -112,6 +112,7 @@ class Server:
         self.status = 200
         self.cut = False
         self.lost: str | None = None  # "before" the response, or "during" a stream
+        self.text = "ok"  # the text of a message answered whole
 
     def __call__(self, request):
         body = json.loads(request.content or b"{}")
@@ -129,7 +130,7 @@ class Server:
             return httpx.Response(
                 200, text=message_sse(self.cut), headers={"content-type": "text/event-stream"}
             )
-        return httpx.Response(200, json=message_json())
+        return httpx.Response(200, json=message_json(self.text))
 
 
 def make(kind, server, **gate):
@@ -348,3 +349,52 @@ async def test_messages_given_as_an_iterator_reach_the_api(budgets):
     await client.messages.create(**{**REQUEST, "messages": iter(MESSAGES)})
     assert [sent["messages"] for sent in server.requests] == [MESSAGES, MESSAGES]
     check(budgets, 2 * TOTAL, 2 * PRICE)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("helper", ["parse", "beta.create", "beta.parse", "beta.stream"])
+async def test_parse_and_the_beta_messages_are_gated(kind, helper, budgets):
+    # Structured outputs (parse) send their own request, not through create; the beta
+    # namespace has its own create, parse and stream. Each is gated and settled.
+    from pydantic import BaseModel
+
+    class Answer(BaseModel):
+        text: str
+
+    server = Server()
+    server.text = '{"text": "ok"}'
+    client = make(kind, server, **gate_for(budgets))
+    messages = client.beta.messages if helper.startswith("beta.") else client.messages
+
+    def run_sync():
+        if helper.endswith("parse"):
+            reply = messages.parse(**REQUEST, output_format=Answer)
+            assert reply.parsed_output == Answer(text="ok")
+        elif helper == "beta.create":
+            messages.create(**REQUEST)
+        else:
+            with messages.stream(**REQUEST) as stream:
+                stream.until_done()
+
+    async def run_async():
+        if helper.endswith("parse"):
+            reply = await messages.parse(**REQUEST, output_format=Answer)
+            assert reply.parsed_output == Answer(text="ok")
+        elif helper == "beta.create":
+            await messages.create(**REQUEST)
+        else:
+            async with messages.stream(**REQUEST) as stream:
+                await stream.until_done()
+
+    await (run_async() if kind == "async" else asyncio.to_thread(run_sync))
+    assert len(server.requests) == 1
+    check(budgets, TOTAL, PRICE)
+
+    slots = budgets[2]
+    assert slots.try_reserve_sync(4)  # a denial sends nothing
+    with pytest.raises(BudgetExhausted):
+        await (run_async() if kind == "async" else asyncio.to_thread(run_sync))
+    assert len(server.requests) == 1
+    check(budgets, TOTAL, PRICE, slots_free=0)  # nothing more was taken
+    slots.release_sync(4)

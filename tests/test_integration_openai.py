@@ -32,14 +32,18 @@ CHAT_USAGE = {
 }
 
 
-def chat_json(usage=CHAT_USAGE):
+def chat_json(usage=CHAT_USAGE, content="ok"):
     return {
         "id": "c1",
         "object": "chat.completion",
         "created": 1,
         "model": "gpt-test",
         "choices": [
-            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ok"}}
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "message": {"role": "assistant", "content": content},
+            }
         ],
         "usage": usage,
     }
@@ -82,10 +86,27 @@ def responses_json():
 
 
 def responses_sse(mode):
-    """A Responses stream: created, a text delta, and (unless cut) completed with the usage."""
+    """A Responses stream: created, an output item with a text delta, and (unless cut) the item
+    done and the response completed (or incomplete) with the usage."""
     created = {**responses_json(), "status": "in_progress", "usage": None}
+    item = {"id": "i1", "type": "message", "role": "assistant", "status": "in_progress"}
+    part = {"type": "output_text", "text": "", "annotations": []}
     events = [
         {"type": "response.created", "sequence_number": 0, "response": created},
+        {
+            "type": "response.output_item.added",
+            "sequence_number": 1,
+            "output_index": 0,
+            "item": {**item, "content": []},
+        },
+        {
+            "type": "response.content_part.added",
+            "sequence_number": 1,
+            "item_id": "i1",
+            "output_index": 0,
+            "content_index": 0,
+            "part": part,
+        },
         {
             "type": "response.output_text.delta",
             "sequence_number": 1,
@@ -96,6 +117,10 @@ def responses_sse(mode):
             "logprobs": [],
         },
     ]
+    if mode != "sse-cut":
+        done = {**item, "status": "completed", "content": [{**part, "text": "ok"}]}
+        event = {"type": "response.output_item.done", "sequence_number": 3, "output_index": 0}
+        events.append({**event, "item": done})
     if mode == "sse-incomplete":  # stopped at max_output_tokens: billed, with its usage
         incomplete = {**responses_json(), "status": "incomplete"}
         incomplete["incomplete_details"] = {"reason": "max_output_tokens"}
@@ -114,6 +139,7 @@ class Server:
         self.requests: list[dict] = []
         self.status = 200
         self.mode = "json"  # json | sse | sse-cut (ends before its usage) | sse-no-usage
+        self.content = "ok"  # a chat message's content
 
     def __call__(self, request):
         body = json.loads(request.content or b"{}")
@@ -129,7 +155,7 @@ class Server:
                 )
             return httpx.Response(200, json=responses_json())
         if self.mode == "json":
-            return httpx.Response(200, json=chat_json())
+            return httpx.Response(200, json=chat_json(content=self.content))
         text = chat_sse(with_usage=self.mode == "sse", done=self.mode != "sse-cut")
         return httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})
 
@@ -415,3 +441,71 @@ async def test_messages_given_as_an_iterator_reach_the_api(kind, budgets):
     )
     assert server.requests[0]["messages"] == MESSAGES  # read once, for the estimate and the SDK
     assert tokens.consumed == 350
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    "helper", ["chat.parse", "chat.stream", "responses.parse", "responses.stream"]
+)
+async def test_the_parse_and_stream_helpers_are_gated(kind, helper, budgets):
+    # Structured outputs (parse) send their own request, not through create: gated as well.
+    # The stream helpers send theirs through create, and settle at the stream's final usage.
+    from pydantic import BaseModel
+
+    class Answer(BaseModel):
+        text: str
+
+    tokens, dollars, slots = budgets
+    server = Server()
+    server.content = '{"text": "ok"}'
+    server.mode = "sse" if helper.endswith("stream") else "json"
+    client = make(kind, server, tokens=tokens, dollars=dollars, guards={slots: 1}, prices=TABLE)
+    chat = {"model": "gpt-test", "messages": MESSAGES, "max_completion_tokens": 100}
+    responses = {"model": "gpt-test", "input": "x" * 400, "max_output_tokens": 100}
+
+    def run_sync():
+        if helper == "chat.parse":
+            reply = client.chat.completions.parse(**chat, response_format=Answer)
+            assert reply.choices[0].message.parsed == Answer(text="ok")
+        elif helper == "responses.parse":
+            client.responses.parse(**responses, text_format=Answer)
+        else:
+            resource, arguments = (
+                (client.chat.completions, chat)
+                if helper == "chat.stream"
+                else (client.responses, responses)
+            )
+            with resource.stream(**arguments) as stream:
+                for _ in stream:
+                    assert slots.available == 3  # held while it streams
+
+    async def run_async():
+        if helper == "chat.parse":
+            reply = await client.chat.completions.parse(**chat, response_format=Answer)
+            assert reply.choices[0].message.parsed == Answer(text="ok")
+        elif helper == "responses.parse":
+            await client.responses.parse(**responses, text_format=Answer)
+        else:
+            resource, arguments = (
+                (client.chat.completions, chat)
+                if helper == "chat.stream"
+                else (client.responses, responses)
+            )
+            async with resource.stream(**arguments) as stream:
+                async for _ in stream:
+                    assert slots.available == 3
+
+    if kind == "async":
+        await run_async()
+    else:
+        await asyncio.to_thread(run_sync)
+    assert len(server.requests) == 1
+    assert (tokens.consumed, dollars.consumed, slots.available) == (350, 450, 4)
+
+    # A denial sends nothing.
+    assert slots.try_reserve_sync(4)
+    with pytest.raises(BudgetExhausted):
+        await (run_async() if kind == "async" else asyncio.to_thread(run_sync))
+    assert len(server.requests) == 1
+    slots.release_sync(4)

@@ -1,6 +1,7 @@
 """Gate an ``Anthropic`` or ``AsyncAnthropic`` client: ``guard(client, tokens=..., ...)``.
 
-``messages.create`` (streamed or not) and ``messages.stream`` then take their budgets before the
+``messages.create`` (streamed or not), ``messages.parse`` and ``messages.stream`` (and the same
+three of ``beta.messages``) then take their budgets before the
 request goes out (or raise ``BudgetExhausted`` and send nothing) and settle after it: at the
 usage the message reports (input, cache reads and writes, output); everything refunded on an
 error status; at the estimate when the stream ended before its final usage.
@@ -29,17 +30,23 @@ def guard(
     client: _C,
     **options: Unpack[GateOptions],
 ) -> _C:
-    """Gate ``client``'s ``messages.create`` and ``messages.stream``; return the same client."""
+    """Gate ``client``'s messages (``create``, ``parse``, ``stream``); return the same client.
+
+    ``client.beta.messages`` is gated as well.
+    """
     gate = Gate(**options)
-    messages = client.messages
     if isinstance(client, anthropic.AsyncAnthropic):
         sdk = Sdk(anthropic.AsyncStream, _MessageUsage, _usage_in)
-        messages.create = gated_async(gate, sdk, messages.create, _request)  # type: ignore[method-assign]
-        messages.stream = _gated_stream(gate, messages.stream, _AsyncStreamManager)  # type: ignore[method-assign]
+        wrap, manager = gated_async, _AsyncStreamManager
     else:
         sdk = Sdk(anthropic.Stream, _MessageUsage, _usage_in)
-        messages.create = gated_sync(gate, sdk, messages.create, _request)  # type: ignore[method-assign]
-        messages.stream = _gated_stream(gate, messages.stream, _StreamManager)  # type: ignore[method-assign]
+        wrap, manager = gated_sync, _StreamManager
+    # ``create`` and ``parse`` (structured outputs) each send their own request; ``stream`` is
+    # gated when its block is entered. The beta namespace has the same three.
+    for messages in (client.messages, client.beta.messages):
+        for name in ("create", "parse"):
+            setattr(messages, name, wrap(gate, sdk, getattr(messages, name), _request))
+        messages.stream = _gated_stream(gate, messages.stream, manager)  # type: ignore[method-assign]
     return client
 
 
@@ -107,7 +114,7 @@ def _gated_stream(
 ) -> Callable[..., Any]:
     def gated(**kwargs: object) -> _StreamManager | _AsyncStreamManager:
         _request(kwargs)  # reads an iterator of messages into a list before the SDK keeps it
-        return manager(gate, stream(**kwargs), kwargs)
+        return manager(gate, stream, kwargs)
 
     return gated
 
@@ -115,12 +122,14 @@ def _gated_stream(
 class _StreamManager:
     """Gate ``messages.stream(...)``: take the budgets on entering, settle on leaving.
 
-    The request goes out when the block is entered.
+    The request goes out when the block is entered, and the SDK's stream manager is made only
+    then, once the budgets are taken (an async one prepares its request when it is made).
     """
 
-    def __init__(self, gate: Gate, manager: Any, kwargs: dict[str, Any]) -> None:  # noqa: ANN401
+    def __init__(self, gate: Gate, stream: Callable[..., Any], kwargs: dict[str, Any]) -> None:
         self._gate = gate
-        self._manager = manager
+        self._open = stream
+        self._manager: Any = None
         self._kwargs = kwargs
         self._passed: Pass | None = None
         self._stream: Any = None
@@ -131,6 +140,7 @@ class _StreamManager:
             model=self._kwargs.get("model"), prompt=prompt, max_output_tokens=bound
         )
         try:
+            self._manager = self._open(**self._kwargs)
             self._stream = self._manager.__enter__()
         except BaseException as error:
             passed.fail_sync(error)
@@ -154,9 +164,10 @@ class _StreamManager:
 class _AsyncStreamManager:
     """Gate ``messages.stream(...)`` of an async client, as :class:`_StreamManager` does."""
 
-    def __init__(self, gate: Gate, manager: Any, kwargs: dict[str, Any]) -> None:  # noqa: ANN401
+    def __init__(self, gate: Gate, stream: Callable[..., Any], kwargs: dict[str, Any]) -> None:
         self._gate = gate
-        self._manager = manager
+        self._open = stream
+        self._manager: Any = None
         self._kwargs = kwargs
         self._passed: Pass | None = None
         self._stream: Any = None
@@ -167,6 +178,7 @@ class _AsyncStreamManager:
             model=self._kwargs.get("model"), prompt=prompt, max_output_tokens=bound
         )
         try:
+            self._manager = self._open(**self._kwargs)
             self._stream = await self._manager.__aenter__()
         except BaseException as error:
             await passed.fail(error)

@@ -1,6 +1,7 @@
 """Gate an ``OpenAI`` or ``AsyncOpenAI`` client: ``guard(client, tokens=..., ...)``.
 
-Every ``chat.completions.create`` and ``responses.create`` of the client then takes its budgets
+Every ``chat.completions.create`` and ``responses.create`` of the client (and their ``parse``
+and ``stream`` helpers: structured outputs, streams with events) then takes its budgets
 before the request is sent (or raises ``BudgetExhausted`` and sends nothing), and settles after
 it: at the usage the response reports; everything refunded when the API answers with an error
 status (it was not billed); at the estimate when the request went out but no usage came back (a
@@ -29,17 +30,25 @@ def guard(
     client: _C,
     **options: Unpack[GateOptions],
 ) -> _C:
-    """Gate ``client``'s chat completions and responses; return the same client."""
+    """Gate ``client``'s chat completions and responses; return the same client.
+
+    ``create``, ``parse`` and ``stream`` of ``client.chat.completions`` and of
+    ``client.responses`` are gated.
+    """
     gate = Gate(**options)
     if isinstance(client, openai.AsyncOpenAI):
         wrap, stream = gated_async, openai.AsyncStream
     else:
         wrap, stream = gated_sync, openai.Stream
     sdk = Sdk(stream, _LastUsage, _usage_in)
-    completions = client.chat.completions
-    completions.create = wrap(gate, sdk, completions.create, _chat_request)  # type: ignore[method-assign]
-    responses = client.responses
-    responses.create = wrap(gate, sdk, responses.create, _responses_request)  # type: ignore[method-assign]
+    # ``create`` and ``parse`` each send their own request; the ``stream`` helpers send theirs
+    # through ``create``, so they are gated with it.
+    for resource, request in (
+        (client.chat.completions, _chat_request),
+        (client.responses, _responses_request),
+    ):
+        for name in ("create", "parse"):
+            setattr(resource, name, wrap(gate, sdk, getattr(resource, name), request))
     return client
 
 
