@@ -43,10 +43,13 @@ def guard(
         wrap, manager = gated_sync, _StreamManager
     # ``create`` and ``parse`` (structured outputs) each send their own request; ``stream`` is
     # gated when its block is entered. The beta namespace has the same three.
-    for messages in (client.messages, client.beta.messages):
+    # (Older SDKs lack some of them: what is there is gated.)
+    for messages in (client.messages, getattr(client.beta, "messages", None)):
         for name in ("create", "parse"):
-            setattr(messages, name, wrap(gate, sdk, getattr(messages, name), _request))
-        messages.stream = _gated_stream(gate, messages.stream, manager)  # type: ignore[method-assign]
+            if hasattr(messages, name):
+                setattr(messages, name, wrap(gate, sdk, getattr(messages, name), _request))
+        if hasattr(messages, "stream"):
+            messages.stream = _gated_stream(gate, messages.stream, manager)  # type: ignore[union-attr,method-assign]
     return client
 
 

@@ -48,7 +48,8 @@ def guard(
         (client.responses, _responses_request),
     ):
         for name in ("create", "parse"):
-            setattr(resource, name, wrap(gate, sdk, getattr(resource, name), request))
+            if hasattr(resource, name):  # an older SDK may lack parse
+                setattr(resource, name, wrap(gate, sdk, getattr(resource, name), request))
     return client
 
 
