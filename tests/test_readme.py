@@ -17,7 +17,7 @@ def test_readme_has_examples() -> None:
 
 
 # SDKs that do not install on every supported Python: a block using one runs where it does.
-NEEDS = {"pydantic_ai": (3, 11), "genai_prices": (3, 11)}
+NEEDS = {"pydantic_ai": (3, 11), "genai_prices": (3, 11), "google": (3, 11)}
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))

@@ -9,7 +9,7 @@ settled once when it ends, fails or is closed: at its usage if it came, else at 
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -105,6 +105,7 @@ class SyncStream:
         self._stream = stream
         self._passed = passed
         self._watcher = watcher
+        self._items: Iterator[Any] | None = None
 
     def __iter__(self) -> Iterator[Any]:
         try:
@@ -113,6 +114,12 @@ class SyncStream:
                 yield item
         finally:
             settle_sync(self._passed, self._watcher.usage)
+
+    def __next__(self) -> Any:  # noqa: ANN401 - the SDK's items
+        """``next(stream)``, as the SDK's own stream allows."""
+        if self._items is None:
+            self._items = iter(self)
+        return next(self._items)
 
     def close(self) -> None:
         """Close the stream; what was not reported is charged at the estimate."""
@@ -138,6 +145,7 @@ class AsyncStream:
         self._stream = stream
         self._passed = passed
         self._watcher = watcher
+        self._items: AsyncIterator[Any] | None = None
 
     async def __aiter__(self) -> AsyncIterator[Any]:
         try:
@@ -147,12 +155,22 @@ class AsyncStream:
         finally:
             await settle(self._passed, self._watcher.usage)
 
+    def __anext__(self) -> Awaitable[Any]:
+        """``anext(stream)``, as the SDK's own stream allows."""
+        if self._items is None:
+            self._items = self.__aiter__()
+        return self._items.__anext__()
+
     async def close(self) -> None:
         """Close the stream; what was not reported is charged at the estimate."""
         try:
-            await self._stream.close()
+            # The SDKs' stream classes close with close(), an async generator with aclose().
+            closing = getattr(self._stream, "close", None) or self._stream.aclose
+            await closing()
         finally:
             await settle(self._passed, self._watcher.usage)
+
+    aclose = close
 
     async def __aenter__(self) -> AsyncStream:
         return self
