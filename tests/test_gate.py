@@ -244,3 +244,27 @@ def test_which_failures_count_as_billed():
         wrap_lost_connection()
     assert wrapped.value.status_code == 500
     assert billed(wrapped.value)
+
+
+def test_a_pass_dropped_unsettled_is_charged_at_the_estimate(sync_backend):
+    # A stream never read, say: its request went out and was billed. Dropping its pass charges
+    # the estimate and frees the guards (a concurrency slot must not leak).
+    import gc
+
+    tokens = sync_backend.tokens(10_000)
+    slots = sync_backend.unit(1)
+    gate = Gate(tokens=tokens, guards={slots: 1})
+    passed = gate.enter_sync(model=None, prompt="hello", max_output_tokens=10)
+    estimate = passed.estimate
+    assert sync_backend.state_sync(slots).available == 0
+    del passed
+    gc.collect()
+    sync_backend.settle_sync(tokens)
+    state = sync_backend.state_sync(tokens)
+    assert (state.available, state.consumed) == (10_000 - estimate, estimate)
+    assert sync_backend.state_sync(slots).available == 1
+    again = gate.enter_sync(model=None, prompt="hello", max_output_tokens=10)
+    again.refund_sync()
+    del again  # settled already: dropping it charges nothing more
+    gc.collect()
+    assert sync_backend.state_sync(tokens).consumed == estimate

@@ -509,3 +509,26 @@ async def test_the_parse_and_stream_helpers_are_gated(kind, helper, budgets):
         await (run_async() if kind == "async" else asyncio.to_thread(run_sync))
     assert len(server.requests) == 1
     slots.release_sync(4)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_stream_dropped_unread_is_charged_at_the_estimate(kind, budgets):
+    # The request went out when create returned; the stream was never read. Dropping it
+    # charges the estimate and frees the slot, which must not leak.
+    import gc
+
+    tokens, dollars, slots = budgets
+    server = Server()
+    server.mode = "sse"
+    client = make(kind, server, tokens=tokens, dollars=dollars, guards={slots: 1}, prices=TABLE)
+    request = {"model": "gpt-test", "messages": MESSAGES, "max_completion_tokens": 100}
+    if kind == "async":
+        stream = await client.chat.completions.create(**request, stream=True)
+    else:  # called here, not on a thread, so that the test holds the only reference to it
+        stream = client.chat.completions.create(**request, stream=True)
+    assert (len(server.requests), slots.available) == (1, 3)
+    del stream
+    gc.collect()
+    assert (tokens.consumed, dollars.consumed) == (129 + 100, 129 * 1 + 100 * 4)
+    assert slots.available == 4

@@ -10,11 +10,12 @@ budget that denied, and the request must not be sent. The pass is then settled e
   or abandoned, a connection lost after sending): it was billed, so the estimate is charged.
 
 Each of them releases the guards. The ``_sync`` twins do the same with the budgets' blocking
-methods.
+methods. A pass dropped unsettled is charged at the estimate.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, TypedDict
@@ -290,6 +291,16 @@ class Pass:
                 budget.record_usage_sync(reservation, prompt, completion)
         finally:
             self._ticket.close_sync()
+
+    def __del__(self) -> None:
+        # A pass dropped unsettled (a stream never read, say): its request went out and was
+        # billed, so the estimate is charged and the guards are released, with the blocking
+        # methods (nothing else can run here). A budget without them (a Redis one given no
+        # sync_client) is left to its dropped reservations and permits: refunded, or given
+        # back when their lease ends.
+        if not self._settled:
+            with contextlib.suppress(Exception):
+                self.settle_at_estimate_sync()
 
     def __repr__(self) -> str:
         state = "settled" if self._settled else "open"
