@@ -398,3 +398,22 @@ async def test_parse_and_the_beta_messages_are_gated(kind, helper, budgets):
     assert len(server.requests) == 1
     check(budgets, TOTAL, PRICE, slots_free=0)  # nothing more was taken
     slots.release_sync(4)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_raw_response_settles_the_usage_it_parses_to(kind, budgets):
+    # with_raw_response goes through create: the gate parses the response (the SDK keeps it for
+    # the caller's own parse()) and settles its usage.
+    server = Server()
+    client = make(kind, server, **gate_for(budgets))
+    raw = client.messages.with_raw_response
+    if kind == "async":
+        response = await raw.create(**REQUEST)
+        message = await response.parse()
+    else:
+        response = await asyncio.to_thread(lambda: raw.create(**REQUEST))
+        message = response.parse()
+    assert message.usage.output_tokens == 300
+    assert len(server.requests) == 1
+    check(budgets, TOTAL, PRICE)

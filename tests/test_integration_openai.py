@@ -532,3 +532,25 @@ async def test_a_stream_dropped_unread_is_charged_at_the_estimate(kind, budgets)
     gc.collect()
     assert (tokens.consumed, dollars.consumed) == (129 + 100, 129 * 1 + 100 * 4)
     assert slots.available == 4
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_raw_response_settles_the_usage_it_parses_to(kind, budgets):
+    # with_raw_response (for the headers, say; LiteLLM calls the SDK so) goes through create:
+    # the gate parses the response, which the SDK keeps for the caller's own parse(). A raw
+    # stream carries its usage where the gate cannot watch it: the estimate.
+    tokens, dollars, slots = budgets
+    server = Server()
+    client = make(kind, server, tokens=tokens, dollars=dollars, guards={slots: 1}, prices=TABLE)
+    raw = client.chat.completions.with_raw_response
+    request = {"model": "gpt-test", "messages": MESSAGES, "max_completion_tokens": 100}
+    response = await call(kind, raw.create, **request)
+    assert response.headers["content-type"] == "application/json"
+    assert response.parse().usage.total_tokens == 350
+    assert (tokens.consumed, dollars.consumed, slots.available) == (350, 450, 4)
+    server.mode = "sse"
+    await call(kind, raw.create, **request, stream=True)
+    assert len(server.requests) == 2
+    assert (tokens.consumed, dollars.consumed) == (350 + 229, 450 + 529)
+    assert slots.available == 4

@@ -9,6 +9,7 @@ settled once when it ends, fails or is closed: at its usage if it came, else at 
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -54,7 +55,7 @@ def gated_sync(
             raise
         if isinstance(response, sdk.stream):
             return SyncStream(response, passed, sdk.watcher())
-        settle_sync(passed, sdk.usage_in(response))
+        settle_sync(passed, sdk.usage_in(_parsed(response)))
         return response
 
     return gated
@@ -76,10 +77,45 @@ def gated_async(
             raise
         if isinstance(response, sdk.stream):
             return AsyncStream(response, passed, sdk.watcher())
-        await settle(passed, sdk.usage_in(response))
+        await settle(passed, sdk.usage_in(await _parsed_async(response)))
         return response
 
     return gated
+
+
+def _raw(response: object) -> Callable[[], Any] | None:
+    """Return the ``parse`` of a raw response (``with_raw_response``), or None for any other."""
+    parse: Callable[[], Any] | None = getattr(response, "parse", None)
+    if callable(parse) and getattr(response, "http_request", None) is not None:
+        return parse
+    return None
+
+
+def _parsed(response: object) -> object | None:
+    """Return what a raw response parses to (the SDKs keep it for the caller), else itself.
+
+    A raw stream parses to the SDK's stream, which carries no usage: it is charged at the
+    estimate. So is a raw response that does not parse (None).
+    """
+    parse = _raw(response)
+    if parse is None:
+        return response
+    try:
+        parsed: object = parse()
+    except Exception:  # the caller's own parse() will say what is wrong
+        return None
+    return parsed
+
+
+async def _parsed_async(response: object) -> object | None:
+    """Do what :func:`_parsed` does; ``parse()`` of an async client's response is awaited."""
+    parsed = _parsed(response)
+    if inspect.isawaitable(parsed):
+        try:
+            parsed = await parsed
+        except Exception:  # the caller's own parse() will say what is wrong
+            return None
+    return parsed
 
 
 def settle_sync(passed: Pass, usage: object | None) -> None:
