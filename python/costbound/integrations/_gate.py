@@ -10,7 +10,8 @@ budget that denied, and the request must not be sent. The pass is then settled e
   or abandoned, a connection lost after sending): it was billed, so the estimate is charged.
 
 Each of them releases the guards. The ``_sync`` twins do the same with the budgets' blocking
-methods. A pass dropped unsettled is charged at the estimate.
+methods. A pass dropped unsettled is charged at the estimate when its budgets allow it
+(:meth:`Pass.abandon`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from costbound._admit import (
     admit_blocking,
     take_now_sync,
 )
+from costbound._atomic import AtomicBudget, AtomicTokenBudget
 from costbound._protocols import BudgetGuard, TokenBudget
 from costbound._reservation import TokenReservation
 from costbound._usage import BudgetExhausted, Usage, estimate_tokens, usage_of
@@ -91,6 +93,12 @@ class Gate:
         self.max_output_tokens = max_output_tokens
         self.estimator = estimator
         self.prices = prices
+        #: Whether every budget is costbound's own atomic one (see :meth:`Pass.abandon`).
+        self.lock_free = all(
+            type(budget) in (AtomicBudget, AtomicTokenBudget)
+            for budget in (tokens, dollars, *self.guards)
+            if budget is not None
+        )
 
     def _plan(
         self, model: str | None, prompt: object, max_output_tokens: int | None
@@ -292,15 +300,21 @@ class Pass:
         finally:
             self._ticket.close_sync()
 
-    def __del__(self) -> None:
-        # A pass dropped unsettled (a stream never read, say): its request went out and was
-        # billed, so the estimate is charged and the guards are released, with the blocking
-        # methods (nothing else can run here). A budget without them (a Redis one given no
-        # sync_client) is left to its dropped reservations and permits: refunded, or given
-        # back when their lease ends.
-        if not self._settled:
+    def abandon(self) -> None:
+        """Settle a pass no one else will, from the garbage collector: at the estimate.
+
+        Its request went out (a stream never read, say), and was billed. This runs only when
+        every budget is one of costbound's atomic ones, whose blocking methods never block:
+        another budget (a Redis one, a user's with a lock) could wait here for a lock that the
+        collected thread holds. Such a pass is left to its reservations and permits, which are
+        dropped with it: refunded, or given back when their lease ends.
+        """
+        if not self._settled and self._gate.lock_free:
             with contextlib.suppress(Exception):
                 self.settle_at_estimate_sync()
+
+    def __del__(self) -> None:
+        self.abandon()
 
     def __repr__(self) -> str:
         state = "settled" if self._settled else "open"

@@ -86,11 +86,7 @@ class BudgetLogger(CustomLogger):
         """Charge the estimate of a call whose record went without an event settling it."""
         passed = self._passes.pop(call_id, None)
         if passed is not None:
-            # This runs in the garbage collector, so only with the budgets' blocking methods; a
-            # budget without them (a Redis one with no sync_client) gets its reservation back
-            # when the pass is dropped instead.
-            with contextlib.suppress(Exception):
-                passed.settle_at_estimate_sync()
+            passed.abandon()  # this runs in the garbage collector
 
     def _pass(self, kwargs: Mapping[str, Any]) -> Pass | None:
         return self._passes.pop(str(kwargs.get("litellm_call_id")), None)
