@@ -247,30 +247,31 @@ def test_which_failures_count_as_billed():
 
 
 def test_a_pass_dropped_unsettled_is_charged_at_the_estimate(sync_backend):
-    # A stream never read, say: its request went out and was billed. On the atomic budgets,
-    # dropping its pass charges the estimate and frees the guards (a concurrency slot must not
-    # leak). The collector must not wait on a network or a lock, so a pass on Redis budgets is
-    # left to its dropped reservation (refunded) and permit (back when its lease ends).
+    # A stream never read, say: its request went out and was billed. Dropping its pass charges
+    # the estimate on the atomic budgets and frees their guard units: a concurrency slot must
+    # not leak. The collector must not wait on a network or a lock, so a Redis budget is left
+    # to its dropped reservation, which is refunded.
     import gc
 
+    from costbound import AtomicBudget
+
     tokens = sync_backend.tokens(10_000)
-    slots = sync_backend.unit(1)
+    slots = AtomicBudget(1)  # a process's own concurrency slot, beside budgets of either kind
     gate = Gate(tokens=tokens, guards={slots: 1})
-    assert gate.lock_free is (sync_backend.name == "atomic")
     passed = gate.enter_sync(model=None, prompt="hello", max_output_tokens=10)
     estimate = passed.estimate
-    assert sync_backend.state_sync(slots).available == 0
+    assert slots.available == 0
     del passed
     gc.collect()
+    assert slots.available == 1
     sync_backend.settle_sync(tokens)
     state = sync_backend.state_sync(tokens)
-    if sync_backend.name != "atomic":
-        assert (state.available, state.consumed) == (10_000, 0)
-        return
-    assert (state.available, state.consumed) == (10_000 - estimate, estimate)
-    assert sync_backend.state_sync(slots).available == 1
+    charged = estimate if sync_backend.name == "atomic" else 0
+    assert (state.available, state.consumed) == (10_000 - charged, charged)
     again = gate.enter_sync(model=None, prompt="hello", max_output_tokens=10)
     again.refund_sync()
     del again  # settled already: dropping it charges nothing more
     gc.collect()
-    assert sync_backend.state_sync(tokens).consumed == estimate
+    sync_backend.settle_sync(tokens)
+    assert sync_backend.state_sync(tokens).consumed == charged
+    assert slots.available == 1

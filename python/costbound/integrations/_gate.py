@@ -10,7 +10,7 @@ budget that denied, and the request must not be sent. The pass is then settled e
   or abandoned, a connection lost after sending): it was billed, so the estimate is charged.
 
 Each of them releases the guards. The ``_sync`` twins do the same with the budgets' blocking
-methods. A pass dropped unsettled is charged at the estimate when its budgets allow it
+methods. A pass dropped unsettled is charged at the estimate on the budgets that allow it
 (:meth:`Pass.abandon`).
 """
 
@@ -93,12 +93,6 @@ class Gate:
         self.max_output_tokens = max_output_tokens
         self.estimator = estimator
         self.prices = prices
-        #: Whether every budget is costbound's own atomic one (see :meth:`Pass.abandon`).
-        self.lock_free = all(
-            type(budget) in (AtomicBudget, AtomicTokenBudget)
-            for budget in (tokens, dollars, *self.guards)
-            if budget is not None
-        )
 
     def _plan(
         self, model: str | None, prompt: object, max_output_tokens: int | None
@@ -176,6 +170,11 @@ def billed(error: BaseException) -> bool:
     if status is None:
         status = getattr(getattr(error, "response", None), "status_code", None)
     return not (isinstance(status, int) and status >= 400)
+
+
+#: costbound's own atomic budgets: their blocking methods never block, so the garbage
+#: collector may call them (:meth:`Pass.abandon`).
+_LOCK_FREE = (AtomicBudget, AtomicTokenBudget)
 
 
 class Pass:
@@ -303,15 +302,23 @@ class Pass:
     def abandon(self) -> None:
         """Settle a pass no one else will, from the garbage collector: at the estimate.
 
-        Its request went out (a stream never read, say), and was billed. This runs only when
-        every budget is one of costbound's atomic ones, whose blocking methods never block:
-        another budget (a Redis one, a user's with a lock) could wait here for a lock that the
-        collected thread holds. Such a pass is left to its reservations and permits, which are
-        dropped with it: refunded, or given back when their lease ends.
+        Its request went out (a stream never read, say), and was billed. Only costbound's
+        atomic budgets are settled here, whose blocking methods never block: the estimate is
+        recorded on them and their guard units released. Another budget (a Redis one, a
+        user's with a lock) could wait here for a lock that the collected thread holds, so it
+        is left to what it does with a dropped reservation or permit: a reservation is
+        refunded, a Redis permit comes back when its lease ends.
         """
-        if not self._settled and self._gate.lock_free:
-            with contextlib.suppress(Exception):
-                self.settle_at_estimate_sync()
+        if not self._claim():
+            return
+        for budget, reservation, prompt, completion in self._charges(None):
+            if type(budget) in _LOCK_FREE:
+                with contextlib.suppress(Exception):
+                    budget.record_usage_sync(reservation, prompt, completion)
+        for guard, cost in self._ticket.guards.items():
+            if type(guard) in _LOCK_FREE:
+                with contextlib.suppress(Exception):
+                    guard.release_sync(cost)
 
     def __del__(self) -> None:
         self.abandon()
