@@ -24,6 +24,8 @@ httpx = importlib.import_module(openai.DefaultAsyncHttpxClient.__mro__[1].__modu
 
 TABLE = PriceTable({"gpt-test": Price(input=1.0, output=4.0, cached_input=0.5)})
 MESSAGES = [{"role": "user", "content": "x" * 400}]  # 100 x 1.25 + 4 = 129 input tokens
+CHAT = {"model": "gpt-test", "messages": MESSAGES, "max_completion_tokens": 100}
+ESTIMATE, ESTIMATE_PRICE = 129 + 100, 129 * 1 + 100 * 4  # tokens, micro-dollars
 CHAT_USAGE = {
     "prompt_tokens": 300,
     "completion_tokens": 50,
@@ -219,9 +221,7 @@ async def test_a_chat_success_settles_the_reported_usage(kind, budgets):
     response = await call(
         kind,
         client.chat.completions.create,
-        model="gpt-test",
-        messages=MESSAGES,
-        max_completion_tokens=100,
+        **CHAT,
     )
     assert response.choices[0].message.content == "ok"
     assert len(server.requests) == 1
@@ -260,9 +260,7 @@ async def test_a_chat_stream_settles_at_its_final_usage(kind, budgets):
     stream = await call(
         kind,
         client.chat.completions.create,
-        model="gpt-test",
-        messages=MESSAGES,
-        max_completion_tokens=100,
+        **CHAT,
         stream=True,
     )
     assert server.requests[0]["stream_options"] == {"include_usage": True}
@@ -282,15 +280,11 @@ async def test_a_stream_without_usage_settles_at_the_estimate(kind, how, budgets
     stream = await call(
         kind,
         client.chat.completions.create,
-        model="gpt-test",
-        messages=MESSAGES,
-        max_completion_tokens=100,
+        **CHAT,
         stream=True,
     )
     await consume(kind, stream, stop_after=1 if how == "closed early" else None)
-    estimate = 129 + 100
-    assert tokens.consumed == estimate
-    assert dollars.consumed == 129 * 1 + 100 * 4
+    assert (tokens.consumed, dollars.consumed) == (ESTIMATE, ESTIMATE_PRICE)
     assert slots.available == 4
 
 
@@ -320,9 +314,7 @@ async def test_a_denial_raises_and_sends_nothing(kind):
         await call(
             kind,
             client.chat.completions.create,
-            model="gpt-test",
-            messages=MESSAGES,
-            max_completion_tokens=100,
+            **CHAT,
         )
     assert denied.value.budget is tokens
     assert denied.value.amount == 229
@@ -356,11 +348,10 @@ async def test_wait_lets_a_call_proceed_once_another_calls_refund_makes_room():
         tokens=tokens,
     )
     second_client = make("async", server, tokens=tokens, wait=20.0)
-    request = {"model": "gpt-test", "messages": MESSAGES, "max_completion_tokens": 100}
-    first = asyncio.create_task(first_client.chat.completions.create(**request))
+    first = asyncio.create_task(first_client.chat.completions.create(**CHAT))
     while tokens.available == 300:  # noqa: ASYNC110 - setup: the first call took its estimate
         await asyncio.sleep(0.001)
-    second = asyncio.create_task(second_client.chat.completions.create(**request))
+    second = asyncio.create_task(second_client.chat.completions.create(**CHAT))
     await asyncio.sleep(0.05)
     assert not second.done()
     assert server.requests == []  # not sent while it waits
@@ -397,7 +388,7 @@ async def test_a_responses_stream_settles_at_its_completed_usage_or_its_estimate
     assert slots.available == 3
     await consume(kind, stream)
     if cut:
-        assert (tokens.consumed, dollars.consumed) == (129 + 100, 129 * 1 + 100 * 4)
+        assert (tokens.consumed, dollars.consumed) == (ESTIMATE, ESTIMATE_PRICE)
     else:
         assert (tokens.consumed, dollars.consumed) == (350, 450)
     assert slots.available == 4
@@ -418,11 +409,9 @@ async def test_a_lost_connection_is_charged_at_the_estimate(kind, budgets):
         await call(
             kind,
             client.chat.completions.create,
-            model="gpt-test",
-            messages=MESSAGES,
-            max_completion_tokens=100,
+            **CHAT,
         )
-    assert (tokens.consumed, dollars.consumed) == (129 + 100, 129 * 1 + 100 * 4)
+    assert (tokens.consumed, dollars.consumed) == (ESTIMATE, ESTIMATE_PRICE)
     assert slots.available == 4
 
 
@@ -461,18 +450,17 @@ async def test_the_parse_and_stream_helpers_are_gated(kind, helper, budgets):
     server.content = '{"text": "ok"}'
     server.mode = "sse" if helper.endswith("stream") else "json"
     client = make(kind, server, tokens=tokens, dollars=dollars, guards={slots: 1}, prices=TABLE)
-    chat = {"model": "gpt-test", "messages": MESSAGES, "max_completion_tokens": 100}
     responses = {"model": "gpt-test", "input": "x" * 400, "max_output_tokens": 100}
 
     def run_sync():
         if helper == "chat.parse":
-            reply = client.chat.completions.parse(**chat, response_format=Answer)
+            reply = client.chat.completions.parse(**CHAT, response_format=Answer)
             assert reply.choices[0].message.parsed == Answer(text="ok")
         elif helper == "responses.parse":
             client.responses.parse(**responses, text_format=Answer)
         else:
             resource, arguments = (
-                (client.chat.completions, chat)
+                (client.chat.completions, CHAT)
                 if helper == "chat.stream"
                 else (client.responses, responses)
             )
@@ -482,13 +470,13 @@ async def test_the_parse_and_stream_helpers_are_gated(kind, helper, budgets):
 
     async def run_async():
         if helper == "chat.parse":
-            reply = await client.chat.completions.parse(**chat, response_format=Answer)
+            reply = await client.chat.completions.parse(**CHAT, response_format=Answer)
             assert reply.choices[0].message.parsed == Answer(text="ok")
         elif helper == "responses.parse":
             await client.responses.parse(**responses, text_format=Answer)
         else:
             resource, arguments = (
-                (client.chat.completions, chat)
+                (client.chat.completions, CHAT)
                 if helper == "chat.stream"
                 else (client.responses, responses)
             )
@@ -522,15 +510,14 @@ async def test_a_stream_dropped_unread_is_charged_at_the_estimate(kind, budgets)
     server = Server()
     server.mode = "sse"
     client = make(kind, server, tokens=tokens, dollars=dollars, guards={slots: 1}, prices=TABLE)
-    request = {"model": "gpt-test", "messages": MESSAGES, "max_completion_tokens": 100}
     if kind == "async":
-        stream = await client.chat.completions.create(**request, stream=True)
+        stream = await client.chat.completions.create(**CHAT, stream=True)
     else:  # called here, not on a thread, so that the test holds the only reference to it
-        stream = client.chat.completions.create(**request, stream=True)
+        stream = client.chat.completions.create(**CHAT, stream=True)
     assert (len(server.requests), slots.available) == (1, 3)
     del stream
     gc.collect()
-    assert (tokens.consumed, dollars.consumed) == (129 + 100, 129 * 1 + 100 * 4)
+    assert (tokens.consumed, dollars.consumed) == (ESTIMATE, ESTIMATE_PRICE)
     assert slots.available == 4
 
 
@@ -544,13 +531,12 @@ async def test_a_raw_response_settles_the_usage_it_parses_to(kind, budgets):
     server = Server()
     client = make(kind, server, tokens=tokens, dollars=dollars, guards={slots: 1}, prices=TABLE)
     raw = client.chat.completions.with_raw_response
-    request = {"model": "gpt-test", "messages": MESSAGES, "max_completion_tokens": 100}
-    response = await call(kind, raw.create, **request)
+    response = await call(kind, raw.create, **CHAT)
     assert response.headers["content-type"] == "application/json"
     assert response.parse().usage.total_tokens == 350
     assert (tokens.consumed, dollars.consumed, slots.available) == (350, 450, 4)
     server.mode = "sse"
-    await call(kind, raw.create, **request, stream=True)
+    await call(kind, raw.create, **CHAT, stream=True)
     assert len(server.requests) == 2
     assert (tokens.consumed, dollars.consumed) == (350 + 229, 450 + 529)
     assert slots.available == 4
