@@ -790,8 +790,9 @@ async def test_close_twice_releases_once():
     assert ticket.closed
     await ticket.close()
     ticket.close_sync()
-    async with ticket:  # a closed ticket's block closes nothing more
-        pass
+    with pytest.raises(RuntimeError, match="closed"):  # single-use: it holds nothing now
+        async with ticket:
+            pass
     check_left(budgets, ticket)
 
 
@@ -804,7 +805,7 @@ def test_close_sync_twice_releases_once():
     ticket.close_sync()
     ticket.close_sync()
     assert ticket.closed
-    with ticket:
+    with pytest.raises(RuntimeError, match="closed"), ticket:  # single-use: it holds nothing
         pass
     check_left(budgets, ticket)
 

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import operator
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Generator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
@@ -91,13 +92,24 @@ def _parts(
     return sorted(parts, key=lambda part: callable(getattr(part.budget, "_fits", None)))
 
 
+def _known_capacity(budget: object) -> int | None:
+    """Return the capacity a budget states (native and Redis budgets do), or ``None``."""
+    capacity = getattr(budget, "capacity", None)
+    if isinstance(capacity, int) and not isinstance(capacity, bool):
+        return capacity
+    return None
+
+
 def _check_fits(parts: list[_Part]) -> None:
-    """Refuse at once a waiting admission with a part that can never fit (``ValueError``)."""
+    """Refuse at once a waiting admission with a part that can never fit (``ValueError``).
+
+    Any budget whose ``capacity`` is known qualifies, not only the native ones: waiting for an
+    amount above it (a Redis budget's, say) would poll for ever.
+    """
     for part in parts:
-        budget = part.budget
-        native = isinstance(budget, (_native.AtomicBudget, _native.AtomicTokenBudget))
-        if native and part.amount > budget.capacity:
-            raise NeverFitsError(budget, part.amount)
+        capacity = _known_capacity(part.budget)
+        if capacity is not None and part.amount > capacity:
+            raise NeverFitsError(part.budget, part.amount)
 
 
 class NeverFitsError(ValueError):
@@ -204,7 +216,12 @@ class Ticket:
         if errors:
             raise errors[0]
 
+    def _refuse_closed(self) -> None:
+        if self._closed:
+            raise RuntimeError("this ticket is closed: its parts were given back")
+
     async def __aenter__(self) -> Ticket:
+        self._refuse_closed()
         return self
 
     async def __aexit__(
@@ -216,6 +233,7 @@ class Ticket:
         await self.close()
 
     def __enter__(self) -> Ticket:
+        self._refuse_closed()
         return self
 
     def __exit__(
@@ -420,25 +438,53 @@ async def _admit(parts: list[_Part], timeout: float | None) -> Ticket:
             watch.close()
 
 
-class Admission:
-    """What ``admit()`` returns.
+class Admission(Coroutine[Any, Any, Ticket]):
+    """What ``admit()`` returns: a coroutine that gives a ``Ticket``.
 
-    ``await`` it for a ``Ticket``, or use it with ``async with``, which closes the ticket on exit
-    (on success, error or cancellation).
+    ``await`` it (or hand it to ``asyncio.create_task``) for a ``Ticket``, or use it with
+    ``async with``, which closes the ticket on exit (on success, error or cancellation). It is
+    single-use, as a coroutine is: awaiting or entering it a second time is a ``RuntimeError``.
     """
 
-    __slots__ = ("_parts", "_ticket", "_timeout")
+    __slots__ = ("_coroutine", "_parts", "_ticket", "_timeout")
 
     def __init__(self, parts: list[_Part], timeout: float | None) -> None:
         self._parts = parts
         self._timeout = timeout
         self._ticket: Ticket | None = None
+        # Made when first driven, so that an admission never used warns of nothing.
+        self._coroutine: Coroutine[Any, Any, Ticket] | None = None
+
+    def _start(self) -> Coroutine[Any, Any, Ticket]:
+        """Make the admission's coroutine; ``RuntimeError`` if it was made before."""
+        if self._coroutine is not None:
+            raise RuntimeError(
+                "this admission was already awaited or entered: an admission is single-use; "
+                "call costbound.admit() for a new one"
+            )
+        self._coroutine = _admit(self._parts, self._timeout)
+        return self._coroutine
+
+    def _running(self) -> Coroutine[Any, Any, Ticket]:
+        return self._start() if self._coroutine is None else self._coroutine
 
     def __await__(self) -> Generator[Any, None, Ticket]:
-        return _admit(self._parts, self._timeout).__await__()
+        return self._start().__await__()
+
+    def send(self, value: Any) -> Any:  # noqa: ANN401 - the coroutine protocol
+        """Advance the admission (the coroutine protocol, as asyncio's tasks drive it)."""
+        return self._running().send(value)
+
+    def throw(self, *error: Any) -> Any:  # noqa: ANN401 - the coroutine protocol
+        """Raise into the admission (a cancelled task): it gives back what it took."""
+        return self._running().throw(*error)
+
+    def close(self) -> None:
+        """Close the admission: a wait in progress gives back every part it took."""
+        self._running().close()
 
     async def __aenter__(self) -> Ticket:
-        self._ticket = await _admit(self._parts, self._timeout)
+        self._ticket = await self._start()
         return self._ticket
 
     async def __aexit__(
@@ -453,12 +499,15 @@ class Admission:
 
 
 def _check_timeout(timeout: float | None) -> float | None:
+    """Seconds, or ``None`` for no timeout (``inf`` too); NaN or negative is a ``ValueError``."""
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout)}")
     if not timeout >= 0:
         raise ValueError(f"timeout must be a number of seconds >= 0 or None, got {timeout}")
+    if math.isinf(timeout):
+        return None
     return float(timeout)
 
 
@@ -473,8 +522,8 @@ def admit(
     ``guards`` maps each ``BudgetGuard`` to the units to take; ``tokens`` maps each
     ``TokenBudget`` to the estimate to reserve. Use it as ``async with admit(...) as ticket``;
     ``ticket.reservations[budget]`` is the reservation to record. ``TimeoutError`` on expiry
-    and cancellation leave nothing taken; a part above a native budget's capacity is a
-    ``ValueError`` at once.
+    and cancellation leave nothing taken; ``timeout=math.inf`` is no timeout. A part above the
+    ``capacity`` its budget states (native and Redis budgets do) is a ``ValueError`` at once.
     """
     parts = _parts(guards, tokens)
     timeout = _check_timeout(timeout)

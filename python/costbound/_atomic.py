@@ -14,10 +14,13 @@ TokenRequest = _native.TokenRequest
 # A native Permit or TokenRequest that must suspend hands over to this coroutine.
 _native.register_wait(_waiting.wait)
 
-# The async methods return a native awaitable that completes in one step and has the whole
-# coroutine interface; registered, it is accepted wherever asyncio wants a coroutine
-# (``asyncio.create_task``).
+# The async methods return a native awaitable that completes in one step, and ``reserve`` /
+# ``reserve_tokens`` a native request that may wait; each has the whole coroutine interface
+# (``send``, ``throw``, ``close``), so registered they are accepted wherever asyncio wants a
+# coroutine (``asyncio.create_task``, ``ensure_future``, ``asyncio.run``, ``TaskGroup``).
 Coroutine.register(_native.Awaitable)
+Coroutine.register(_native.Permit)
+Coroutine.register(_native.TokenRequest)
 
 
 class AtomicBudget(_native.AtomicBudget):

@@ -5,9 +5,11 @@
 //! parsing and trampoline cost about as much again, so these few methods are registered on the
 //! class by hand, with a fast path for the common call (one positional exact `int`) and the
 //! shared conversion ([`to_u64`]) for everything else, so they accept and refuse exactly what
-//! the other methods do. Nothing on these paths panics (atomics, a bool, allocations whose
-//! failure is a `MemoryError`; the shared `None` awaitable is made at import), so no unwinding
-//! guard is needed at this `extern "C"` boundary.
+//! the other methods do.
+//!
+//! A release wakes the waiters it makes room for, which reaches Python (a waiter's wake-up), so
+//! a panic there, or anywhere below, must not unwind into the interpreter: every entry runs its
+//! body under [`catch_panic`], which costs nothing until something panics.
 //!
 //! `Python::assume_attached` does not raise PyO3's count of attached calls on this thread, so
 //! code under these entries uses `Bound` (whose drop decrements at once) rather than dropping a
@@ -20,6 +22,7 @@ use pyo3::prelude::*;
 use pyo3::{PyClass, PyTypeInfo, ffi};
 
 use super::args::to_u64;
+use super::panic_guard::catch_panic;
 
 /// A method of `Self::Class` that takes one unsigned integer argument.
 pub(crate) trait U64Method {
@@ -105,7 +108,7 @@ unsafe extern "C" fn entry<M: U64Method>(
             }
         };
         let argument = Borrowed::from_ptr(py, argument);
-        match to_u64(&argument, M::ARG, M::MAX).and_then(|value| M::call(&this, value)) {
+        match catch_panic(|| M::call(&this, to_u64(&argument, M::ARG, M::MAX)?)) {
             Ok(result) => result.into_ptr(),
             Err(err) => {
                 err.restore(py);
@@ -170,21 +173,11 @@ unsafe extern "C" fn timeout_entry<M: U64TimeoutMethod>(
     unsafe {
         let py = Python::assume_attached();
         let this = Borrowed::from_ptr(py, slf).cast_unchecked::<M::Class>();
-        // These calls may wait, with more code on their path than the one-integer methods:
-        // a panic becomes a `PanicException` here instead of unwinding into the interpreter.
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let outcome = catch_panic(|| {
             let (value, timeout) = parse_value_and_timeout::<M>(py, args, nargs, kwnames)?;
             let value = Borrowed::from_ptr(py, value);
             let timeout = timeout.map(|t| Borrowed::from_ptr(py, t));
             M::call(&this, &value, timeout.as_deref())
-        }))
-        .unwrap_or_else(|payload| {
-            let message = payload
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic in costbound".to_owned());
-            Err(pyo3::panic::PanicException::new_err(message))
         });
         match outcome {
             Ok(result) => result.into_ptr(),

@@ -5,6 +5,7 @@ mod args;
 mod awaitable;
 mod error;
 mod fastcall;
+mod panic_guard;
 mod token;
 mod unit;
 mod wait;
@@ -15,6 +16,7 @@ use pyo3::prelude::*;
 #[pymodule(gil_used = false)]
 #[pyo3(name = "_native")]
 fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    refuse_subinterpreters()?;
     m.add_class::<unit::AtomicBudgetPy>()?;
     fastcall::add_method::<unit::TryReserveSync>(m.py())?;
     fastcall::add_method::<unit::ReleaseSync>(m.py())?;
@@ -28,13 +30,13 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<token::ReservationPy>()?;
     m.add_class::<token::NativeRefundPy>()?;
     m.add_class::<awaitable::Awaitable>()?;
-    awaitable::install_fast_slots::<awaitable::Awaitable>(m.py());
+    awaitable::install_fast_slots::<awaitable::Awaitable>(m.py())?;
     // Made at import, so that no call ever has to allocate (or fail to allocate) it.
-    let _ = awaitable::Awaitable::none(m.py());
+    awaitable::Awaitable::none(m.py())?;
     m.add_class::<wait::PermitPy>()?;
-    awaitable::install_fast_slots::<wait::PermitPy>(m.py());
+    awaitable::install_fast_slots::<wait::PermitPy>(m.py())?;
     m.add_class::<wait::TokenRequestPy>()?;
-    awaitable::install_fast_slots::<wait::TokenRequestPy>(m.py());
+    awaitable::install_fast_slots::<wait::TokenRequestPy>(m.py())?;
     m.add_class::<wait::WaiterPy>()?;
     m.add_class::<wait::WatchPy>()?;
     m.add_class::<wait::ManualClockPy>()?;
@@ -44,4 +46,25 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MAX_UNITS", u64::MAX)?;
     m.add("MAX_TOKEN_CAPACITY", crate::core::MAX_TOKEN_CAPACITY)?;
     Ok(())
+}
+
+/// `ImportError` in any interpreter but the main one. The module keeps process-wide state (the
+/// shared `None` awaitable, the registered reservation type, the wait hook, the running-loop
+/// lookup, and the wake-ups its budgets send from any thread), which one interpreter's objects
+/// must never reach from another, so multiple interpreters are not supported.
+fn refuse_subinterpreters() -> PyResult<()> {
+    // SAFETY: called during the module's initialisation, attached to the importing interpreter.
+    let (here, main) = unsafe {
+        (
+            pyo3::ffi::PyInterpreterState_Get(),
+            pyo3::ffi::PyInterpreterState_Main(),
+        )
+    };
+    if here == main {
+        return Ok(());
+    }
+    Err(pyo3::exceptions::PyImportError::new_err(
+        "costbound does not support subinterpreters: its native module keeps process-wide \
+         state, so import costbound in the main interpreter only",
+    ))
 }

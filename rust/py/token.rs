@@ -186,7 +186,7 @@ impl AtomicTokenBudgetPy {
         completion: &Bound<'_, PyAny>,
     ) -> PyResult<Py<Awaitable>> {
         self.record_usage_sync(py, reservation, prompt, completion)?;
-        Ok(Awaitable::none(py))
+        Awaitable::none(py)
     }
 
     /// `consumed` as an awaitable, read when called.

@@ -214,7 +214,7 @@ unit_method!(
     c"release($self, /, cost)\n--\n\n`release_sync` as an awaitable. The units are given back when called, so a release is\nnever lost to a cancellation.",
     |this, cost| {
         this.get().core.release(cost);
-        Ok(Awaitable::none(this.py()).into_any())
+        Ok(Awaitable::none(this.py())?.into_any())
     }
 );
 

@@ -11,11 +11,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use pyo3::exceptions::{PyRuntimeError, PyTimeoutError, PyTypeError, PyValueError};
+use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::PyBool;
+use pyo3::types::{PyBool, PyNone};
+use pyo3::{BoundObject, PyTraverseError};
 
-use super::awaitable::{Awaitable, FastAwait};
+use super::awaitable::{Awaitable, Delegate, FastAwait, Step, step_to_python, to_exception};
 use super::token::{ReservationPy, issue_reservation};
 use crate::core::{
     Clock, Hold, ManualClock, RateError, TokenLedger, UnitBudget, WaitError, Waitable, Waiter,
@@ -38,11 +40,12 @@ pub(crate) fn register_wait(wait: &Bound<'_, PyAny>) {
     let _ = WAIT.set(wait.py(), wait.clone().unbind());
 }
 
-/// Reads a `timeout` argument: `None`, or a number of seconds `>= 0` (infinity waits forever).
+/// Reads a `timeout` argument: `None`, or a number of seconds `>= 0`; infinity is no timeout
+/// (`None`), and NaN or a negative number a `ValueError`.
 pub(crate) fn to_timeout(timeout: Option<&Bound<'_, PyAny>>) -> PyResult<Option<f64>> {
     match timeout.filter(|t| !t.is_none()) {
         None => Ok(None),
-        Some(timeout) => to_seconds(timeout, "timeout").map(Some),
+        Some(timeout) => Ok(Some(to_seconds(timeout, "timeout")?).filter(|t| t.is_finite())),
     }
 }
 
@@ -169,7 +172,8 @@ fn block_for(
     let mut signal: Option<PyErr> = None;
     let outcome = py.detach(|| {
         wait_blocking(budget, cost, deadline, check_every, || {
-            signal = Python::attach(|py| py.check_signals().err());
+            // `try_attach`: an interpreter that is shutting down has no signal to deliver.
+            signal = Python::try_attach(|py| py.check_signals().err()).flatten();
             signal.is_some()
         })
     });
@@ -184,15 +188,24 @@ fn block_for(
 
 /// A core waiter for `cost` whose wake-up calls the Python callable `wake()` (from whichever
 /// thread makes room, never under a lock); an exception it raises is reported as unraisable.
+///
+/// A wake-up that comes while the interpreter shuts down (a finaliser releasing units with a
+/// task still queued on a loop never closed) is skipped: no Python code can run then, and
+/// the task it would wake is gone. `Python::attach` would panic there instead.
 fn python_waiter(cost: u64, wake: &Bound<'_, PyAny>) -> Arc<Waiter> {
     let wake = wake.clone().unbind();
     Waiter::new(cost, move || {
-        Python::attach(|py| {
-            if let Err(err) = wake.call0(py) {
+        let _ = Python::try_attach(|py| {
+            if let Err(err) = wake.bind(py).call0() {
                 err.write_unraisable(py, None);
             }
         });
     })
+}
+
+/// The address of a request, which identifies it while it lives (a pyclass never moves).
+fn address<O>(owner: &O) -> usize {
+    std::ptr::from_ref(owner) as usize
 }
 
 /// One queued request of an async wait, driven by `costbound._waiting.wait`.
@@ -200,24 +213,36 @@ fn python_waiter(cost: u64, wake: &Bound<'_, PyAny>) -> Arc<Waiter> {
 pub(crate) struct WaiterPy {
     waiter: Arc<Waiter>,
     budget: Arc<dyn Waitable>,
+    /// The request that queued it (its address, compared only): only that request's
+    /// `_finish` may take the grant.
+    owner: usize,
     /// Whether the grant (or the decision that there is none) has an owner.
     claimed: AtomicBool,
 }
 
 impl WaiterPy {
-    /// Queues a request for `cost` whose grant calls `wake()` (from any thread).
-    fn enqueue(
+    /// Queues the request of `owner` (a permit or token request in its `WAITING` state) for
+    /// `cost`; its grant calls `wake()` (from any thread).
+    fn enqueue<O>(
         py: Python<'_>,
+        owner: &O,
+        state: &AtomicU8,
         budget: Arc<dyn Waitable>,
         cost: u64,
         wake: &Bound<'_, PyAny>,
     ) -> PyResult<Py<Self>> {
+        if state.load(Ordering::Acquire) != WAITING {
+            return Err(PyRuntimeError::new_err(
+                "only a request being awaited can be queued",
+            ));
+        }
         let waiter = python_waiter(cost, wake);
         let handle = Py::new(
             py,
             Self {
                 waiter: waiter.clone(),
                 budget: budget.clone(),
+                owner: address(owner),
                 claimed: AtomicBool::new(false),
             },
         )?;
@@ -225,8 +250,14 @@ impl WaiterPy {
         Ok(handle)
     }
 
-    /// Takes ownership of a grant; `RuntimeError` if there is none to take.
-    fn claim(&self) -> PyResult<u64> {
+    /// Takes ownership of the grant for `owner`: `ValueError` (and nothing changes) for a
+    /// waiter another request queued, `RuntimeError` if there is no grant to take.
+    fn claim<O>(&self, owner: &O) -> PyResult<u64> {
+        if self.owner != address(owner) {
+            return Err(PyValueError::new_err(
+                "this waiter was queued by another request: only its own waiter finishes a wait",
+            ));
+        }
         if self.waiter.is_granted() && !self.claimed.swap(true, Ordering::AcqRel) {
             Ok(self.waiter.cost())
         } else {
@@ -330,13 +361,18 @@ pub(crate) fn seconds_until(budget: &dyn Waitable, amount: u64) -> Option<f64> {
 
 /// The result of `AtomicBudget.reserve()` and `reserve_blocking()`: `cost` units held until
 /// `release()`. Awaiting it waits for the units (once); it is also a context manager, sync for a
-/// granted permit and async for a pending one, that releases on exit.
+/// granted permit and async for a pending one, that releases on exit. It is single-use: it is
+/// entered once, and once released it cannot be awaited or entered again.
 #[pyclass(frozen, module = "costbound._native", name = "Permit")]
 pub(crate) struct PermitPy {
     budget: Arc<UnitBudget>,
     cost: u64,
     timeout: Option<f64>,
     state: AtomicU8,
+    /// Whether a `with` / `async with` block took it (a wait that failed clears it).
+    entered: AtomicBool,
+    /// The wait it hands its steps to while an asyncio task drives it.
+    delegate: Delegate,
 }
 
 impl PermitPy {
@@ -351,6 +387,8 @@ impl PermitPy {
             cost,
             timeout,
             state: AtomicU8::new(if granted { GRANTED } else { PENDING }),
+            entered: AtomicBool::new(false),
+            delegate: Delegate::new(),
         }
     }
 
@@ -367,14 +405,42 @@ impl PermitPy {
     }
 }
 
-/// Starts (or continues) the `await` of a permit or token request: the fast path, or the
-/// suspended wait in `costbound._waiting`.
-fn enter_wait<T: FastAwait>(
-    slf: Borrowed<'_, '_, T>,
+/// `RuntimeError` for a permit or token request awaited or entered after it was used up.
+fn used_up(what: &str, call: &str) -> PyErr {
+    PyRuntimeError::new_err(format!(
+        "this {what} was already used: a {what} is single-use (entered once, never again \
+         after its exit); call {call}() for a new one"
+    ))
+}
+
+/// Takes the single entry of a `with` / `async with` block.
+fn enter_once(state: &AtomicU8, entered: &AtomicBool, what: &str, call: &str) -> PyResult<()> {
+    if state.load(Ordering::Acquire) == RELEASED || entered.swap(true, Ordering::AcqRel) {
+        return Err(used_up(what, call));
+    }
+    Ok(())
+}
+
+/// A wait that ended without a grant: the request may be awaited (and entered) again.
+fn reset(state: &AtomicU8, entered: &AtomicBool) {
+    if state
+        .compare_exchange(WAITING, PENDING, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
+    {
+        entered.store(false, Ordering::Release);
+    }
+}
+
+/// Starts the `await` of a permit or token request: the fast path, or the suspended wait in
+/// `costbound._waiting`, whose iterator is returned.
+fn enter_wait<'py, T: FastAwait>(
+    slf: Borrowed<'_, 'py, T>,
     state: &AtomicU8,
+    entered: &AtomicBool,
     timeout: Option<f64>,
+    used: impl FnOnce() -> PyErr,
     try_now: impl FnOnce() -> PyResult<bool>,
-) -> PyResult<Py<PyAny>> {
+) -> PyResult<Bound<'py, PyAny>> {
     let py = slf.py();
     match state.compare_exchange(PENDING, WAITING, Ordering::AcqRel, Ordering::Acquire) {
         Ok(_) => {}
@@ -383,44 +449,73 @@ fn enter_wait<T: FastAwait>(
                 "this request is already being awaited",
             ));
         }
-        Err(_) => return Ok(slf.to_owned().into_any().unbind()), // granted: await returns at once
+        Err(GRANTED) => return Ok(slf.to_owned().into_any()), // await returns at once
+        Err(_) => return Err(used()),
     }
     match try_now() {
         Ok(true) => {
             state.store(GRANTED, Ordering::Release);
-            return Ok(slf.to_owned().into_any().unbind());
+            return Ok(slf.to_owned().into_any());
         }
         Ok(false) => {}
         Err(err) => {
-            state.store(PENDING, Ordering::Release);
+            reset(state, entered);
             return Err(err);
         }
     }
     if timeout == Some(0.0) {
-        state.store(PENDING, Ordering::Release);
+        reset(state, entered);
         return Err(timed_out(0.0));
     }
+    // `Bound`s only: this runs under a raw slot (see `awaitable`).
     let suspended = WAIT
         .get(py)
         .ok_or_else(|| PyRuntimeError::new_err("costbound._waiting was not imported"))
-        .and_then(|wait| wait.call1(py, (slf.to_owned(), timeout)))
-        .and_then(|coroutine| coroutine.call_method0(py, pyo3::intern!(py, "__await__")));
+        .and_then(|wait| wait.bind(py).call1((slf.to_owned(), timeout)))
+        .and_then(|coroutine| coroutine.call_method0(pyo3::intern!(py, "__await__")));
     if suspended.is_err() {
-        state.store(PENDING, Ordering::Release);
+        reset(state, entered);
     }
     suspended
 }
 
 impl FastAwait for PermitPy {
-    fn enter(slf: Borrowed<'_, '_, Self>) -> PyResult<Py<PyAny>> {
+    fn enter<'py>(slf: Borrowed<'_, 'py, Self>) -> PyResult<Bound<'py, PyAny>> {
         let this = slf.get();
-        enter_wait(slf, &this.state, this.timeout, || {
-            Ok(this.budget.try_reserve(this.cost))
-        })
+        enter_wait(
+            slf,
+            &this.state,
+            &this.entered,
+            this.timeout,
+            || used_up("permit", "reserve"),
+            || Ok(this.budget.try_reserve(this.cost)),
+        )
     }
 
-    fn step(slf: Borrowed<'_, '_, Self>) -> PyResult<Py<PyAny>> {
-        Ok(slf.to_owned().into_any().unbind())
+    fn step<'py>(slf: Borrowed<'_, 'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        Ok(slf.to_owned().into_any())
+    }
+
+    fn resume<'py>(
+        slf: Borrowed<'_, 'py, Self>,
+        value: Borrowed<'_, 'py, PyAny>,
+    ) -> PyResult<Step<'py>> {
+        let this = slf.get();
+        if this.state.load(Ordering::Acquire) == GRANTED {
+            return Self::step(slf).map(Step::Return);
+        }
+        this.delegate.resume(slf, value)
+    }
+
+    fn throw<'py>(
+        slf: Borrowed<'_, 'py, Self>,
+        exception: Bound<'py, PyAny>,
+    ) -> PyResult<Step<'py>> {
+        slf.get().delegate.throw(slf.py(), exception)
+    }
+
+    fn close(slf: Borrowed<'_, '_, Self>) -> PyResult<()> {
+        slf.get().delegate.close(slf.py())
     }
 }
 
@@ -457,21 +552,47 @@ impl PermitPy {
     }
 
     fn __await__(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
-        Self::enter(slf.as_borrowed())
+        Self::enter(slf.as_borrowed()).map(Bound::unbind)
     }
 
     fn __next__(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
-        Err(pyo3::exceptions::PyStopIteration::new_err((Self::step(
-            slf.as_borrowed(),
-        )?,)))
+        let none = PyNone::get(slf.py()).into_any();
+        step_to_python(Self::resume(slf.as_borrowed(), none))
+    }
+
+    /// One step of the permit driven as a coroutine (as asyncio's tasks drive it).
+    fn send(slf: &Bound<'_, Self>, value: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        step_to_python(Self::resume(slf.as_borrowed(), value.as_borrowed()))
+    }
+
+    /// Throws into the wait in progress (a cancelled task); before any wait it propagates.
+    #[pyo3(signature = (exception, value = None, traceback = None))]
+    fn throw(
+        slf: &Bound<'_, Self>,
+        exception: &Bound<'_, PyAny>,
+        value: Option<&Bound<'_, PyAny>>,
+        traceback: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let _ = traceback; // the legacy third argument of `generator.throw`
+        let exception = to_exception(exception, value)?;
+        step_to_python(<Self as FastAwait>::throw(slf.as_borrowed(), exception))
+    }
+
+    /// Ends the wait in progress, if any: it leaves the queue and takes nothing.
+    fn close(slf: &Bound<'_, Self>) -> PyResult<()> {
+        <Self as FastAwait>::close(slf.as_borrowed())
     }
 
     fn __enter__(slf: &Bound<'_, Self>) -> PyResult<Py<Self>> {
-        match slf.get().state.load(Ordering::Acquire) {
-            GRANTED | RELEASED => Ok(slf.clone().unbind()),
-            _ => Err(PyTypeError::new_err(
+        let this = slf.get();
+        match this.state.load(Ordering::Acquire) {
+            PENDING | WAITING => Err(PyTypeError::new_err(
                 "a permit from reserve() is entered with `async with`; use reserve_blocking() for `with`",
             )),
+            _ => {
+                enter_once(&this.state, &this.entered, "permit", "reserve")?;
+                Ok(slf.clone().unbind())
+            }
         }
     }
 
@@ -484,8 +605,10 @@ impl PermitPy {
         self.release();
     }
 
-    fn __aenter__(slf: &Bound<'_, Self>) -> Py<Self> {
-        slf.clone().unbind()
+    fn __aenter__(slf: &Bound<'_, Self>) -> PyResult<Py<Self>> {
+        let this = slf.get();
+        enter_once(&this.state, &this.entered, "permit", "reserve")?;
+        Ok(slf.clone().unbind())
     }
 
     fn __aexit__(
@@ -494,28 +617,36 @@ impl PermitPy {
         _kind: &Bound<'_, PyAny>,
         _value: &Bound<'_, PyAny>,
         _traceback: &Bound<'_, PyAny>,
-    ) -> Py<Awaitable> {
+    ) -> PyResult<Py<Awaitable>> {
         self.release();
         Awaitable::none(py)
     }
 
     /// Queues this permit's request (the suspended wait's first step).
     fn _enqueue(&self, py: Python<'_>, wake: &Bound<'_, PyAny>) -> PyResult<Py<WaiterPy>> {
-        WaiterPy::enqueue(py, self.budget.clone(), self.cost, wake)
+        WaiterPy::enqueue(py, self, &self.state, self.budget.clone(), self.cost, wake)
     }
 
-    /// Takes the waiter's grant: the permit now holds the units.
+    /// Takes the waiter's grant: the permit now holds the units. Only this permit's own waiter
+    /// is accepted.
     fn _finish(slf: &Bound<'_, Self>, waiter: &Bound<'_, WaiterPy>) -> PyResult<Py<Self>> {
-        waiter.get().claim()?;
-        slf.get().state.store(GRANTED, Ordering::Release);
+        let this = slf.get();
+        waiter.get().claim(this)?;
+        this.state.store(GRANTED, Ordering::Release);
         Ok(slf.clone().unbind())
     }
 
     /// The wait ended without a grant: the permit may be awaited again.
     fn _reset(&self) {
-        let _ = self
-            .state
-            .compare_exchange(WAITING, PENDING, Ordering::AcqRel, Ordering::Acquire);
+        reset(&self.state, &self.entered);
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        self.delegate.traverse(&visit)
+    }
+
+    fn __clear__(&self) {
+        self.delegate.clear();
     }
 
     fn __repr__(&self) -> String {
@@ -531,14 +662,18 @@ impl PermitPy {
 
 /// The result of `AtomicTokenBudget.reserve_tokens()`: awaiting it waits for the estimate and
 /// returns an armed `TokenReservation`; as an async context manager it refunds an armed one on
-/// exit.
+/// exit. It is single-use: entered once, and once exited it cannot be awaited or entered again.
 #[pyclass(frozen, module = "costbound._native", name = "TokenRequest")]
 pub(crate) struct TokenRequestPy {
     ledger: Arc<TokenLedger>,
     estimate: u64,
     timeout: Option<f64>,
     state: AtomicU8,
+    /// Whether an `async with` block took it (a wait that failed clears it).
+    entered: AtomicBool,
     reservation: Mutex<Option<Py<PyAny>>>,
+    /// The wait it hands its steps to while an asyncio task drives it.
+    delegate: Delegate,
 }
 
 impl TokenRequestPy {
@@ -548,7 +683,9 @@ impl TokenRequestPy {
             estimate,
             timeout,
             state: AtomicU8::new(PENDING),
+            entered: AtomicBool::new(false),
             reservation: Mutex::new(None),
+            delegate: Delegate::new(),
         }
     }
 
@@ -580,28 +717,55 @@ impl TokenRequestPy {
 }
 
 impl FastAwait for TokenRequestPy {
-    fn enter(slf: Borrowed<'_, '_, Self>) -> PyResult<Py<PyAny>> {
+    fn enter<'py>(slf: Borrowed<'_, 'py, Self>) -> PyResult<Bound<'py, PyAny>> {
         let this = slf.get();
         let py = slf.py();
-        enter_wait(slf, &this.state, this.timeout, || {
-            match Hold::try_reserve(&this.ledger, this.estimate) {
+        enter_wait(
+            slf,
+            &this.state,
+            &this.entered,
+            this.timeout,
+            || used_up("token request", "reserve_tokens"),
+            || match Hold::try_reserve(&this.ledger, this.estimate) {
                 Some(hold) => {
                     let reservation = issue_reservation(py, hold)?.unbind();
                     *this.slot() = Some(reservation);
                     Ok(true)
                 }
                 None => Ok(false),
-            }
-        })
+            },
+        )
     }
 
-    fn step(slf: Borrowed<'_, '_, Self>) -> PyResult<Py<PyAny>> {
+    fn step<'py>(slf: Borrowed<'_, 'py, Self>) -> PyResult<Bound<'py, PyAny>> {
         let py = slf.py();
         slf.get()
             .slot()
             .as_ref()
-            .map(|r| r.clone_ref(py))
-            .ok_or_else(|| PyRuntimeError::new_err("the token request holds no reservation"))
+            .map(|r| r.bind(py).clone())
+            .ok_or_else(|| used_up("token request", "reserve_tokens"))
+    }
+
+    fn resume<'py>(
+        slf: Borrowed<'_, 'py, Self>,
+        value: Borrowed<'_, 'py, PyAny>,
+    ) -> PyResult<Step<'py>> {
+        let this = slf.get();
+        if this.state.load(Ordering::Acquire) == GRANTED {
+            return Self::step(slf).map(Step::Return);
+        }
+        this.delegate.resume(slf, value)
+    }
+
+    fn throw<'py>(
+        slf: Borrowed<'_, 'py, Self>,
+        exception: Bound<'py, PyAny>,
+    ) -> PyResult<Step<'py>> {
+        slf.get().delegate.throw(slf.py(), exception)
+    }
+
+    fn close(slf: Borrowed<'_, '_, Self>) -> PyResult<()> {
+        slf.get().delegate.close(slf.py())
     }
 }
 
@@ -614,20 +778,50 @@ impl TokenRequestPy {
     }
 
     fn __await__(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
-        Self::enter(slf.as_borrowed())
+        Self::enter(slf.as_borrowed()).map(Bound::unbind)
     }
 
     fn __next__(slf: &Bound<'_, Self>) -> PyResult<Py<PyAny>> {
-        Err(pyo3::exceptions::PyStopIteration::new_err((Self::step(
-            slf.as_borrowed(),
-        )?,)))
+        let none = PyNone::get(slf.py()).into_any();
+        step_to_python(Self::resume(slf.as_borrowed(), none))
     }
 
-    fn __aenter__(slf: &Bound<'_, Self>) -> Py<Self> {
-        slf.clone().unbind()
+    /// One step of the request driven as a coroutine (as asyncio's tasks drive it).
+    fn send(slf: &Bound<'_, Self>, value: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        step_to_python(Self::resume(slf.as_borrowed(), value.as_borrowed()))
     }
 
-    /// Refunds the reservation if it is still armed (not recorded, not disarmed).
+    /// Throws into the wait in progress (a cancelled task); before any wait it propagates.
+    #[pyo3(signature = (exception, value = None, traceback = None))]
+    fn throw(
+        slf: &Bound<'_, Self>,
+        exception: &Bound<'_, PyAny>,
+        value: Option<&Bound<'_, PyAny>>,
+        traceback: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Py<PyAny>> {
+        let _ = traceback; // the legacy third argument of `generator.throw`
+        let exception = to_exception(exception, value)?;
+        step_to_python(<Self as FastAwait>::throw(slf.as_borrowed(), exception))
+    }
+
+    /// Ends the wait in progress, if any: it leaves the queue and takes nothing.
+    fn close(slf: &Bound<'_, Self>) -> PyResult<()> {
+        <Self as FastAwait>::close(slf.as_borrowed())
+    }
+
+    fn __aenter__(slf: &Bound<'_, Self>) -> PyResult<Py<Self>> {
+        let this = slf.get();
+        enter_once(
+            &this.state,
+            &this.entered,
+            "token request",
+            "reserve_tokens",
+        )?;
+        Ok(slf.clone().unbind())
+    }
+
+    /// Refunds the reservation if it is still armed (not recorded, not disarmed); the request
+    /// is then used up.
     fn __aexit__(
         &self,
         py: Python<'_>,
@@ -636,30 +830,57 @@ impl TokenRequestPy {
         _traceback: &Bound<'_, PyAny>,
     ) -> PyResult<Py<Awaitable>> {
         let reservation = self.slot().take();
-        if let Some(reservation) = reservation {
-            if let Ok(reservation) = reservation.bind(py).cast::<ReservationPy>() {
-                reservation.get().refund_if_armed(py)?;
+        if self
+            .state
+            .compare_exchange(GRANTED, RELEASED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            if let Some(reservation) = reservation {
+                if let Ok(reservation) = reservation.bind(py).cast::<ReservationPy>() {
+                    reservation.get().refund_if_armed(py)?;
+                }
             }
         }
-        Ok(Awaitable::none(py))
+        Awaitable::none(py)
     }
 
     /// Queues this request (the suspended wait's first step).
     fn _enqueue(&self, py: Python<'_>, wake: &Bound<'_, PyAny>) -> PyResult<Py<WaiterPy>> {
-        WaiterPy::enqueue(py, self.ledger.clone(), self.estimate, wake)
+        WaiterPy::enqueue(
+            py,
+            self,
+            &self.state,
+            self.ledger.clone(),
+            self.estimate,
+            wake,
+        )
     }
 
-    /// Takes the waiter's grant and returns the armed reservation that now holds it.
+    /// Takes the waiter's grant and returns the armed reservation that now holds it. Only this
+    /// request's own waiter is accepted.
     fn _finish(&self, py: Python<'_>, waiter: &Bound<'_, WaiterPy>) -> PyResult<Py<PyAny>> {
-        let estimate = waiter.get().claim()?;
+        let estimate = waiter.get().claim(self)?;
         self.adopt(py, Hold::adopt(&self.ledger, estimate))
     }
 
     /// The wait ended without a grant: the request may be awaited again.
     fn _reset(&self) {
-        let _ = self
-            .state
-            .compare_exchange(WAITING, PENDING, Ordering::AcqRel, Ordering::Acquire);
+        reset(&self.state, &self.entered);
+    }
+
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        // The locks are never held across a call into Python, so they are free during a
+        // collection; skipping a visit would only keep an object alive longer.
+        if let Ok(reservation) = self.reservation.try_lock() {
+            visit.call(&*reservation)?;
+        }
+        self.delegate.traverse(&visit)
+    }
+
+    fn __clear__(&self) {
+        let reservation = self.slot().take();
+        drop(reservation);
+        self.delegate.clear();
     }
 
     fn __repr__(&self) -> String {
