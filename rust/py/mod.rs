@@ -3,6 +3,7 @@
 
 mod args;
 mod awaitable;
+mod coroutine;
 mod error;
 mod fastcall;
 mod panic_guard;
@@ -30,13 +31,13 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<token::ReservationPy>()?;
     m.add_class::<token::NativeRefundPy>()?;
     m.add_class::<awaitable::Awaitable>()?;
-    awaitable::install_fast_slots::<awaitable::Awaitable>(m.py())?;
+    coroutine::install_fast_slots::<awaitable::Awaitable>(m.py())?;
     // Made at import, so that no call ever has to allocate (or fail to allocate) it.
     awaitable::Awaitable::none(m.py())?;
     m.add_class::<wait::PermitPy>()?;
-    awaitable::install_fast_slots::<wait::PermitPy>(m.py())?;
+    coroutine::install_fast_slots::<wait::PermitPy>(m.py())?;
     m.add_class::<wait::TokenRequestPy>()?;
-    awaitable::install_fast_slots::<wait::TokenRequestPy>(m.py())?;
+    coroutine::install_fast_slots::<wait::TokenRequestPy>(m.py())?;
     m.add_class::<wait::WaiterPy>()?;
     m.add_class::<wait::WatchPy>()?;
     m.add_class::<wait::ManualClockPy>()?;

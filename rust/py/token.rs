@@ -50,6 +50,15 @@ impl AtomicTokenBudgetPy {
     }
 }
 
+impl Grant for AtomicTokenBudgetPy {
+    /// The grant an awaited `try_reserve_tokens` makes: an armed reservation, or `None`.
+    fn grant<'py>(&self, py: Python<'py>, estimate: u64) -> PyResult<Bound<'py, PyAny>> {
+        Ok(self
+            .grant_tokens(py, estimate)?
+            .unwrap_or_else(|| py.None().into_bound(py)))
+    }
+}
+
 #[pymethods]
 impl AtomicTokenBudgetPy {
     #[new]
@@ -172,8 +181,7 @@ impl AtomicTokenBudgetPy {
         slf: &Bound<'_, Self>,
         estimate: &Bound<'_, PyAny>,
     ) -> PyResult<Py<Awaitable>> {
-        let estimate = to_u64(estimate, "estimate", u64::MAX)?;
-        Awaitable::deferred(slf.py(), Grant::Tokens(slf.clone().unbind(), estimate))
+        Awaitable::deferred(slf, to_u64(estimate, "estimate", u64::MAX)?)
     }
 
     /// `record_usage_sync` as an awaitable. The usage is recorded when called, so a recording

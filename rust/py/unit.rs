@@ -29,10 +29,12 @@ pub(crate) struct AtomicBudgetPy {
     core: Arc<UnitBudget>,
 }
 
-impl AtomicBudgetPy {
-    /// The grant an awaited `try_reserve` makes.
-    pub(crate) fn reserve_units(&self, cost: u64) -> bool {
-        self.core.try_reserve(cost)
+impl Grant for AtomicBudgetPy {
+    /// The grant an awaited `try_reserve` makes: `True`, or `False` and no change.
+    fn grant<'py>(&self, py: Python<'py>, cost: u64) -> PyResult<Bound<'py, PyAny>> {
+        Ok(PyBool::new(py, self.core.try_reserve(cost))
+            .to_owned()
+            .into_any())
     }
 }
 
@@ -202,8 +204,7 @@ unit_method!(
     c"try_reserve",
     c"try_reserve($self, /, cost)\n--\n\n`try_reserve_sync` as an awaitable. The argument is checked when called; the units are\ntaken when it is awaited, so a task cancelled before it starts takes nothing.",
     |this, cost| {
-        let grant = Grant::Units(this.clone().unbind(), cost);
-        Ok(Awaitable::deferred(this.py(), grant)?.into_any())
+        Ok(Awaitable::deferred(this, cost)?.into_any())
     }
 );
 
