@@ -17,10 +17,17 @@ use pyo3::prelude::*;
 
 /// Runs `body`; a panic becomes `PanicException` (what PyO3's own wrappers raise) carrying the
 /// panic's message.
+///
+/// Always inlined: left to the optimiser, the hottest entries (a fast `try_reserve_sync`, the
+/// await slots) measured some 4 ns slower a call with the guard than without it.
+#[allow(clippy::inline_always)]
+#[inline(always)]
 pub(crate) fn catch_panic<T>(body: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
     catch_unwind(AssertUnwindSafe(body)).unwrap_or_else(|payload| Err(panic_error(&*payload)))
 }
 
+#[cold]
+#[inline(never)]
 fn panic_error(payload: &(dyn Any + Send)) -> PyErr {
     let message = payload
         .downcast_ref::<&str>()
