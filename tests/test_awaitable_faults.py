@@ -15,6 +15,7 @@ Whatever could abort or hang runs in a child process, whose exit code and output
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import subprocess
 import sys
@@ -403,6 +404,28 @@ async def test_a_cancelled_waiting_task_leaves_no_trace(kind: str) -> None:
     # The next waiter is served as usual.
     async with units.reserve(1), tokens.reserve_tokens(10):
         assert (units.available, tokens.available) == (0, 0)
+
+
+@pytest.mark.parametrize("kind", ["reserve", "reserve_tokens"])
+def test_a_request_task_dropped_with_its_closed_loop_leaves_the_queue(kind: str) -> None:
+    # The request holds the wait it hands its steps to, which holds the request: only the
+    # garbage collector can end that cycle, and it must (or the queue would block for ever).
+    units = AtomicBudget(1)
+    tokens = AtomicTokenBudget(10)
+    assert units.try_reserve_sync(1)
+    held = tokens.try_reserve_tokens_sync(10)
+    loop = asyncio.new_event_loop()
+    request = units.reserve(1) if kind == "reserve" else tokens.reserve_tokens(10)
+    task = loop.create_task(request)  # type: ignore[arg-type]
+    loop.run_until_complete(asyncio.sleep(0.01))
+    assert units.waiters + tokens.waiters == 1
+    loop.close()  # the task is never cancelled
+    del task, request
+    gc.collect()
+    assert (units.waiters, tokens.waiters) == (0, 0)
+    units.release_sync(1)
+    del held
+    assert (units.available, tokens.available) == (1, 10)
 
 
 @pytest.mark.parametrize("kind", ["reserve", "reserve_tokens", "admit"])
