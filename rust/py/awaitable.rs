@@ -87,7 +87,16 @@ impl Awaitable {
     }
 
     /// The shared completed awaitable for `None` (made at import, so no later call allocates).
+    #[inline]
     pub(crate) fn none(py: Python<'_>) -> PyResult<Py<Self>> {
+        match READY_NONE.get(py) {
+            Some(none) => Ok(none.clone_ref(py)),
+            None => Self::make_none(py),
+        }
+    }
+
+    #[cold]
+    fn make_none(py: Python<'_>) -> PyResult<Py<Self>> {
         READY_NONE
             .get_or_try_init(py, || Self::ready(py, py.None()))
             .map(|none| none.clone_ref(py))
