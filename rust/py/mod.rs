@@ -18,6 +18,15 @@ use pyo3::prelude::*;
 #[pyo3(name = "_native")]
 fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     refuse_subinterpreters()?;
+    // Token requests issue and refund the token budget's reservations; handed over here so
+    // that `wait` need not import `token` (which imports `wait`).
+    wait::use_reservations(wait::Reservations {
+        issue: token::issue_reservation,
+        refund: |reservation| match reservation.cast::<token::ReservationPy>() {
+            Ok(reservation) => reservation.get().refund_if_armed(reservation.py()),
+            Err(_) => Ok(()),
+        },
+    });
     m.add_class::<unit::AtomicBudgetPy>()?;
     fastcall::add_method::<unit::TryReserveSync>(m.py())?;
     fastcall::add_method::<unit::ReleaseSync>(m.py())?;

@@ -24,6 +24,6 @@ pub(crate) use arguments::{check_fits, rate_error, to_rate, to_timeout};
 pub(crate) use clock::{ManualClockPy, to_clock};
 pub(crate) use permit::PermitPy;
 pub(crate) use request::register_wait;
-pub(crate) use token_request::TokenRequestPy;
+pub(crate) use token_request::{Reservations, TokenRequestPy, use_reservations};
 pub(crate) use waiter::WaiterPy;
 pub(crate) use watch::{WatchPy, seconds_until};

@@ -1,7 +1,9 @@
 //! `TokenRequest`: what `AtomicTokenBudget.reserve_tokens()` returns.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+use pyo3::exceptions::PyRuntimeError;
 
 use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
@@ -15,7 +17,34 @@ use super::waiter::WaiterPy;
 use crate::core::{Hold, TokenLedger};
 use crate::py::awaitable::Awaitable;
 use crate::py::coroutine::{Delegate, FastAwait, Step, step_to_python, to_exception};
-use crate::py::token::{ReservationPy, issue_reservation};
+
+/// How token requests issue and refund reservations. The token budget's module owns
+/// `TokenReservation`, and it imports this one (to make requests), so it is handed over at
+/// import ([`use_reservations`]) rather than imported from here.
+#[derive(Clone, Copy)]
+pub(crate) struct Reservations {
+    /// Wraps a granted hold in an armed `TokenReservation` (refunding it if that fails).
+    pub(crate) issue: for<'py> fn(Python<'py>, Hold) -> PyResult<Bound<'py, PyAny>>,
+    /// Refunds a reservation if it is still armed.
+    pub(crate) refund: fn(&Bound<'_, PyAny>) -> PyResult<()>,
+}
+
+/// Set once, at import; a pair of plain functions, the same for every caller.
+static RESERVATIONS: OnceLock<Reservations> = OnceLock::new();
+
+/// Hands token requests the token budget's reservations (the module's initialisation).
+pub(crate) fn use_reservations(reservations: Reservations) {
+    let _ = RESERVATIONS.set(reservations);
+}
+
+/// The reservations handed over at import. Fetched before a hold is taken, so that a missing
+/// hand-over can never strand one.
+fn reservations() -> PyResult<Reservations> {
+    RESERVATIONS
+        .get()
+        .copied()
+        .ok_or_else(|| PyRuntimeError::new_err("costbound._native was not initialised"))
+}
 
 /// The result of `AtomicTokenBudget.reserve_tokens()`: awaiting it waits for the estimate and
 /// returns an armed `TokenReservation`; as an async context manager it refunds an armed one on
@@ -53,8 +82,8 @@ impl TokenRequestPy {
     }
 
     /// Issues the reservation for a granted `hold` and keeps it for the context manager.
-    fn adopt(&self, py: Python<'_>, hold: Hold) -> PyResult<Py<PyAny>> {
-        let reservation = issue_reservation(py, hold)?.unbind();
+    fn adopt(&self, py: Python<'_>, issuer: Reservations, hold: Hold) -> PyResult<Py<PyAny>> {
+        let reservation = (issuer.issue)(py, hold)?.unbind();
         *self.slot() = Some(reservation.clone_ref(py));
         self.state.store(GRANTED, Ordering::Release);
         Ok(reservation)
@@ -68,8 +97,9 @@ impl TokenRequestPy {
         timeout: Option<f64>,
     ) -> PyResult<Bound<'py, PyAny>> {
         check_fits("estimate", estimate, ledger.capacity())?;
+        let issue = reservations()?.issue;
         block_for(py, "reserve_tokens_blocking", &**ledger, estimate, timeout)?;
-        issue_reservation(py, Hold::adopt(ledger, estimate))
+        issue(py, Hold::adopt(ledger, estimate))
     }
 }
 
@@ -83,13 +113,16 @@ impl FastAwait for TokenRequestPy {
             &this.entered,
             this.timeout,
             || used_up("token request", "reserve_tokens"),
-            || match Hold::try_reserve(&this.ledger, this.estimate) {
-                Some(hold) => {
-                    let reservation = issue_reservation(py, hold)?.unbind();
+            || match (
+                reservations()?.issue,
+                Hold::try_reserve(&this.ledger, this.estimate),
+            ) {
+                (issue, Some(hold)) => {
+                    let reservation = issue(py, hold)?.unbind();
                     *this.slot() = Some(reservation);
                     Ok(true)
                 }
-                None => Ok(false),
+                (_, None) => Ok(false),
             },
         )
     }
@@ -193,9 +226,7 @@ impl TokenRequestPy {
             .is_ok()
         {
             if let Some(reservation) = reservation {
-                if let Ok(reservation) = reservation.bind(py).cast::<ReservationPy>() {
-                    reservation.get().refund_if_armed(py)?;
-                }
+                (reservations()?.refund)(reservation.bind(py))?;
             }
         }
         Awaitable::none(py)
@@ -216,8 +247,9 @@ impl TokenRequestPy {
     /// Takes the waiter's grant and returns the armed reservation that now holds it. Only this
     /// request's own waiter is accepted.
     fn _finish(&self, py: Python<'_>, waiter: &Bound<'_, WaiterPy>) -> PyResult<Py<PyAny>> {
+        let issuer = reservations()?;
         let estimate = waiter.get().claim(self)?;
-        self.adopt(py, Hold::adopt(&self.ledger, estimate))
+        self.adopt(py, issuer, Hold::adopt(&self.ledger, estimate))
     }
 
     /// The wait ended without a grant: the request may be awaited again.
