@@ -11,13 +11,18 @@ use pyo3::sync::PyOnceLock;
 use super::blocking::timed_out;
 use crate::py::coroutine::FastAwait;
 
+/// Not awaited yet, or its wait ended without a grant: an `await` starts a wait.
 pub(super) const PENDING: u8 = 0;
+/// Being awaited: a second `await` meanwhile is refused.
 pub(super) const WAITING: u8 = 1;
+/// Granted: an `await` returns at once.
 pub(super) const GRANTED: u8 = 2;
+/// Used up: released (a permit) or exited (a token request); never awaited or entered again.
 pub(super) const RELEASED: u8 = 3;
 
 /// `costbound._waiting.wait`, registered at import.
 static WAIT: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
 /// Registers the coroutine function that suspended waits run: `wait(owner, timeout)`.
 #[pyfunction]
 pub(crate) fn register_wait(wait: &Bound<'_, PyAny>) {
