@@ -1,5 +1,12 @@
-//! Model checks of every compare-and-swap path under all interleavings loom explores.
-//! Run with `RUSTFLAGS="--cfg loom" cargo test --release --lib loom_models`.
+//! Model checks of the lock-free paths under all interleavings loom explores: the unit word,
+//! the token balance word, a hold's single-use claim, the rate word (lazy refill from a manual
+//! clock), and the queue's no-lost-wake-up handshake. Run with
+//! `RUSTFLAGS="--cfg loom" cargo test --release --lib loom_models`.
+//!
+//! loom has no 128-bit atomics, so under `--cfg loom` the rate word is a lock-based stand-in
+//! (`sync::AtomicI128`) with the same load / compare-and-swap interface: its models check the
+//! refill's retry loop and arithmetic under every interleaving of those steps, not the hardware
+//! instruction. loom has no `Weak` either; the models keep every ledger alive.
 
 use std::sync::Arc;
 
@@ -7,7 +14,20 @@ use loom::thread;
 
 use loom::sync::atomic::{AtomicBool, Ordering};
 
-use super::{Hold, RecordError, TokenLedger, UnitBudget, Waitable, Waiter};
+use super::{Clock, Hold, ManualClock, RecordError, TokenLedger, UnitBudget, Waitable, Waiter};
+
+/// A flag one thread sets and another reads, to tell in a model which order things ran in.
+fn flag() -> Arc<AtomicBool> {
+    Arc::new(AtomicBool::new(false))
+}
+
+/// A token ledger of `capacity` refilling at `rate` per second from a manual clock, all taken.
+fn drained_rated_ledger(capacity: u64, rate: f64) -> (Arc<TokenLedger>, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new());
+    let ledger = TokenLedger::with_rate(capacity, rate, Clock::Manual(clock.clone())).unwrap();
+    assert!(ledger.try_reserve(capacity));
+    (ledger, clock)
+}
 
 /// A waiter whose wake-up sets a flag the model can read.
 fn flagged(cost: u64) -> (Arc<Waiter>, Arc<AtomicBool>) {
@@ -135,13 +155,25 @@ fn token_refill_racing_reserve_in_debt() {
         let ledger = Arc::new(TokenLedger::new(10));
         assert!(ledger.try_reserve(10));
         ledger.settle(10, 14); // debt 4
-        let other = ledger.clone();
-        let t = thread::spawn(move || other.refill());
-        // Before the refill the debt denies even 0; after it, 0 is granted and changes nothing.
+        let (other, started, done) = (ledger.clone(), flag(), flag());
+        let (started2, done2) = (started.clone(), done.clone());
+        let t = thread::spawn(move || {
+            started2.store(true, Ordering::SeqCst);
+            other.refill();
+            done2.store(true, Ordering::SeqCst);
+        });
+        // In debt even 0 is denied; once the refill has paid the debt, 0 is granted.
+        let refilled_before = done.load(Ordering::SeqCst);
         let granted = ledger.try_reserve(0);
+        let refill_started = started.load(Ordering::SeqCst);
         t.join().unwrap();
+        if refilled_before {
+            assert!(granted, "denied after the refill paid the debt");
+        }
+        if !refill_started {
+            assert!(!granted, "granted while in debt");
+        }
         assert_eq!((ledger.available(), ledger.debt()), (6, 0));
-        assert!(granted || ledger.try_reserve(0));
     });
 }
 
@@ -262,5 +294,102 @@ fn queue_watch_racing_release_loses_no_wake_up() {
             "denied, yet never told of the release"
         );
         assert!(!watcher.is_granted());
+    });
+}
+
+#[test]
+fn queue_watchers_is_never_miscounted_while_a_waiter_comes_and_goes() {
+    loom::model(|| {
+        let budget = Arc::new(UnitBudget::new(1));
+        assert!(budget.try_reserve(1));
+        let other = budget.clone();
+        let t = thread::spawn(move || {
+            let (waiter, _) = flagged(1);
+            other.enqueue(waiter.clone());
+            assert!(!other.cancel(&waiter));
+        });
+        // No one watches: a difference of two counters read apart could say -1 or 1.
+        assert_eq!(budget.watchers(), 0);
+        t.join().unwrap();
+        assert_eq!((budget.watchers(), budget.waiters()), (0, 0));
+    });
+}
+
+// --- The rate word: lazy refill from a manual clock, racing reserves, refunds and waiters ----
+
+#[test]
+fn rate_reserves_racing_clock_advance_grant_once() {
+    loom::model(|| {
+        // 1 token a second, all 10 taken: 5 s later 5 are back, room for one reserve of 3.
+        let (ledger, clock) = drained_rated_ledger(10, 1.0);
+        let other = ledger.clone();
+        let t = thread::spawn(move || other.try_reserve(3));
+        let advance = thread::spawn(move || clock.advance(5_000_000_000));
+        let here = ledger.try_reserve(3);
+        let there = t.join().unwrap();
+        advance.join().unwrap();
+        assert!(!(here && there), "5 refilled tokens granted twice over");
+        let granted = u64::from(here) + u64::from(there);
+        assert_eq!(ledger.available(), 5 - 3 * granted, "a token lost or made");
+    });
+}
+
+#[test]
+fn rate_refund_racing_reserve_and_refill_loses_nothing() {
+    loom::model(|| {
+        // Capacity 20, 18 held (2 left), 1 token a second; the cap never binds below.
+        let clock = Arc::new(ManualClock::new());
+        let ledger = TokenLedger::with_rate(20, 1.0, Clock::Manual(clock.clone())).unwrap();
+        let hold = Hold::try_reserve(&ledger, 18).unwrap();
+        let (refunded, advanced) = (flag(), flag());
+        let (refunded2, advanced2) = (refunded.clone(), advanced.clone());
+        let t = thread::spawn(move || {
+            assert!(hold.refund());
+            refunded2.store(true, Ordering::SeqCst);
+        });
+        let advance = thread::spawn(move || {
+            clock.advance(3_000_000_000);
+            advanced2.store(true, Ordering::SeqCst);
+        });
+        let both_before = refunded.load(Ordering::SeqCst) && advanced.load(Ordering::SeqCst);
+        let granted = ledger.try_reserve(6);
+        t.join().unwrap();
+        advance.join().unwrap();
+        if both_before {
+            assert!(granted, "13 tokens back, yet 6 denied");
+        }
+        // 2 left + 18 refunded + 3 refilled, less what was granted.
+        assert_eq!(ledger.available(), if granted { 7 } else { 13 });
+    });
+}
+
+#[test]
+fn rate_fractions_written_between_half_steps_are_carried() {
+    loom::model(|| {
+        // 1 token a second, advanced half a second twice while a reserve of 0 rewrites the word
+        // (at a time when only half a token has flowed): the half must not be rounded away.
+        let (ledger, clock) = drained_rated_ledger(1, 1.0);
+        let advance = thread::spawn(move || {
+            clock.advance(500_000_000);
+            clock.advance(500_000_000);
+        });
+        assert!(ledger.try_reserve(0));
+        advance.join().unwrap();
+        assert_eq!(ledger.available(), 1);
+        assert!(ledger.try_reserve(1) && !ledger.try_reserve(1));
+    });
+}
+
+#[test]
+fn rate_clock_advance_racing_enqueue_loses_no_wake_up() {
+    loom::model(|| {
+        let (ledger, clock) = drained_rated_ledger(5, 1.0);
+        let advance = thread::spawn(move || clock.advance(5_000_000_000));
+        let (waiter, woken) = flagged(5);
+        ledger.enqueue(waiter.clone());
+        advance.join().unwrap();
+        // Queued before the advance: its wake-up grants it; after: granted on enqueue.
+        assert!(waiter.is_granted() && woken.load(Ordering::SeqCst));
+        assert_eq!((ledger.available(), ledger.waiters()), (0, 0));
     });
 }
