@@ -374,7 +374,7 @@ INTEGER_ARGUMENTS: list[tuple[str, Callable[[Any], object]]] = [
     ("capacity", AtomicBudget),
     ("cost", lambda v: AtomicBudget(10).try_reserve_sync(v)),
     ("estimate", lambda v: AtomicTokenBudget(10).try_reserve_tokens_sync(v)),
-    ("estimate", lambda v: TokenReservation(v, print)),
+    ("estimate", lambda v: TokenReservation(v, lambda amount: None)),
     ("amount", call_a_native_refund),
 ]
 

@@ -414,12 +414,12 @@ impl ReservationPy {
 
 impl ReservationPy {
     /// Refunds an armed reservation that is being destroyed, once: a native hold by atomics, a
-    /// Python refund by calling it with the estimate (see [`refund_dropped`]).
+    /// Python refund by calling it with the estimate (see [`call_dropped_refund`]).
     fn refund_dropped(&self, py: Python<'_>) {
         if let Some(hold) = self.hold() {
             hold.refund();
         } else if let Some(refund) = self.take_python_refund() {
-            refund_dropped(py, &refund, self.estimate);
+            call_dropped_refund(refund.into_bound(py), self.estimate);
         }
     }
 }
@@ -435,7 +435,8 @@ impl Drop for ReservationPy {
         } else if let Some(refund) = self.take_python_refund() {
             // Attached whenever CPython deallocates; if not (a drop outside the interpreter),
             // the refund cannot run and PyO3 releases it later.
-            let _ = Python::try_attach(|py| refund_dropped(py, &refund, self.estimate));
+            let _ =
+                Python::try_attach(|py| call_dropped_refund(refund.into_bound(py), self.estimate));
         }
     }
 }
@@ -482,11 +483,14 @@ fn install_reservation_finalizer(py: Python<'_>) {
 
 /// Calls a dropped reservation's Python refund with its estimate, as CPython runs a `__del__`:
 /// an exception already being raised is set aside and restored, and one the refund raises is
-/// reported as unraisable (it has nowhere to propagate).
-fn refund_dropped(py: Python<'_>, refund: &Py<PyAny>, estimate: u64) {
+/// reported as unraisable (it has nowhere to propagate). Only `Bound`s are dropped here, which
+/// release their references at once: `tp_finalize` is entered without PyO3's bookkeeping, where
+/// a dropped `Py` would be deferred to PyO3's locked pool.
+fn call_dropped_refund(refund: Bound<'_, PyAny>, estimate: u64) {
+    let py = refund.py();
     let pending = PendingException::set_aside(py);
-    if let Err(err) = refund.call1(py, (estimate,)) {
-        err.write_unraisable(py, Some(refund.bind(py)));
+    if let Err(err) = refund.call1((estimate,)) {
+        err.write_unraisable(py, Some(&refund));
     }
     pending.restore(py);
 }
@@ -510,8 +514,8 @@ impl PendingException {
 
     fn restore(self, _py: Python<'_>) {
         let [kind, value, traceback] = self.0;
-        // SAFETY: attached; gives the references taken by `set_aside` back to the interpreter
-        // (restoring a null kind clears nothing that the refund left, as it was reported).
+        // SAFETY: attached; gives the references taken by `set_aside` back to the interpreter.
+        // With none set aside this leaves no exception set (the refund's own was reported).
         unsafe { pyo3::ffi::PyErr_Restore(kind, value, traceback) };
     }
 }
@@ -575,6 +579,9 @@ thread_local! {
 
 /// The cached arguments of an issuing `Reservation.__new__` call: the marker, twice.
 fn issuing_args(py: Python<'_>) -> PyResult<&Bound<'_, PyTuple>> {
+    if let Some(args) = ISSUING_ARGS.get(py) {
+        return Ok(args.bind(py)); // the path every issue takes: one check
+    }
     let marker =
         ISSUING_MARKER.get_or_try_init(py, || Py::new(py, IssuingMarker).map(Py::into_any))?;
     let args = ISSUING_ARGS
