@@ -267,6 +267,25 @@ def test_base_reservation_in_a_cycle_calls_its_python_refund_once_when_collected
     assert calls == [4]
 
 
+class PlainSubclass(_native.Reservation):
+    """A Python subclass without ``__del__``: it inherits the base's finaliser."""
+
+
+def test_subclass_without_del_in_a_cycle_calls_its_python_refund_once():
+    calls, refund = recorder()
+    box: list[Any] = []
+
+    def cyclic_refund(amount: int, box: list[Any] = box) -> None:
+        refund(amount)
+
+    box.append(PlainSubclass(6, cyclic_refund))
+    del box, cyclic_refund
+    gc.collect()
+    assert calls == [6]
+    PlainSubclass(2, refund)  # dropped at once, by its reference count
+    assert calls == [6, 2]
+
+
 def test_base_reservation_disarmed_or_native_refunds_nothing_more():
     calls, refund = recorder()
     r = _native.Reservation(9, refund)
