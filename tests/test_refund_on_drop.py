@@ -385,21 +385,22 @@ def test_native_refund_is_single_use():
     del other
 
 
-def test_native_refund_partial_then_spent():
+def test_native_refund_gives_back_the_whole_hold_whatever_the_amount():
+    # Spec 11a: a part given back would lose the rest for good, since the handle is single-use.
     tb = AtomicTokenBudget(1_000)
     r = tb.try_reserve_tokens_sync(100)
     refund = r.disarm()
     refund(30)
-    assert tb.available == 930
+    assert tb.available == 1_000
     refund(70)
-    assert tb.available == 930
+    assert tb.available == 1_000
 
 
-def test_native_refund_refunds_at_most_its_estimate():
+def test_native_refund_with_a_bad_amount_raises_and_gives_nothing_back_yet():
     tb = AtomicTokenBudget(1_000)
     r = tb.try_reserve_tokens_sync(100)
     refund = r.disarm()
-    for bad, error in [(101, ValueError), (2**64, ValueError), (-1, ValueError)]:
+    for bad, error in [(2**64, ValueError), (-1, ValueError)]:
         with pytest.raises(error):
             refund(bad)
         assert tb.available == 900
@@ -408,8 +409,8 @@ def test_native_refund_refunds_at_most_its_estimate():
     with pytest.raises(TypeError):
         refund(True)
     assert tb.available == 900
-    # The failed calls did not spend it.
-    refund(100)
+    # The failed calls did not spend it; an amount above the estimate gives back the estimate.
+    refund(101)
     assert tb.available == 1_000
 
 

@@ -30,6 +30,19 @@ class TokenReservation(_native.Reservation):
 
     ``disarm()`` takes the refund away (returning it, or ``None`` if it was already taken), so
     that dropping the reservation refunds nothing.
+
+    On a native budget the refund ``disarm()`` returns is a handle that gives back the whole
+    estimate it holds, once, whatever amount it is called with (an ``int >= 0``; a bad amount
+    raises and gives nothing back yet). A reservation built around such a handle shares its
+    single claim: recording, disarming or dropping either one settles both, exactly once::
+
+        >>> from costbound import AtomicTokenBudget
+        >>> tb = AtomicTokenBudget(1_000)
+        >>> handle = tb.try_reserve_tokens_sync(400).disarm()
+        >>> again = TokenReservation(500, handle)
+        >>> del again
+        >>> (tb.available, handle.armed)
+        (1000, False)
     """
 
     __slots__ = ()

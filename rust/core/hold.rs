@@ -112,31 +112,47 @@ impl Hold {
         Ok(())
     }
 
-    /// Refunds `amount` (at most the estimate) if the claim is unspent; returns whether it was.
-    /// A ledger that no longer exists is left alone.
-    pub fn refund_amount(&self, amount: u64) -> bool {
+    /// Refunds the whole estimate if the claim is unspent; returns whether it was. A ledger that
+    /// no longer exists is left alone. There is no partial refund: the part not given back
+    /// would be lost for good, since the claim is spent.
+    pub fn refund(&self) -> bool {
         if !self.claim() {
             return false;
         }
         if let Some(ledger) = self.ledger.upgrade() {
-            ledger.refund(amount.min(self.estimate));
+            ledger.refund(self.estimate);
         }
         true
-    }
-
-    /// Refunds the whole estimate if the claim is unspent; returns whether it was.
-    pub fn refund(&self) -> bool {
-        self.refund_amount(self.estimate)
     }
 
     /// Moves the unspent claim into a new hold (which the caller now owns) and spends this one;
     /// `None` if it was already spent.
     pub fn take(&self) -> Option<Self> {
-        self.claim().then(|| Self {
+        let vessel = self.vessel();
+        self.hand_over(&vessel).then_some(vessel)
+    }
+
+    /// A spent hold on the same ledger and estimate, for [`hand_over`](Self::hand_over) to arm:
+    /// made before the claim moves, so that the claim is never in neither hold.
+    #[must_use]
+    pub fn vessel(&self) -> Self {
+        Self {
             ledger: self.ledger.clone(),
             estimate: self.estimate,
-            claimed: AtomicBool::new(false),
-        })
+            claimed: AtomicBool::new(true),
+        }
+    }
+
+    /// Spends this hold's claim and arms `vessel` with it (a [`vessel`](Self::vessel) of this
+    /// hold that no one else uses yet); `false`, and nothing changes, if it was already spent.
+    pub fn hand_over(&self, vessel: &Self) -> bool {
+        debug_assert!(std::ptr::eq(self.ledger.as_ptr(), vessel.ledger.as_ptr()));
+        debug_assert_eq!(self.estimate, vessel.estimate);
+        if !self.claim() {
+            return false;
+        }
+        vessel.claimed.store(false, Ordering::Release);
+        true
     }
 }
 
@@ -178,7 +194,7 @@ mod tests {
             hold.record(&ledger, 1, 0),
             Err(RecordError::AlreadyReconciled)
         );
-        assert!(taken.refund_amount(100), "capped at the estimate");
+        assert!(taken.refund(), "the taken hold is armed");
         assert_eq!(ledger.available(), 10);
     }
 

@@ -100,10 +100,12 @@ impl WaitQueue {
         self.queued.load(Ordering::SeqCst)
     }
 
-    /// How many watch.
+    /// How many watch. Counted under the lock, not as `interested - queued`: those are two
+    /// loads, between which a waiter can be queued or granted, so their difference can be wrong
+    /// or even negative. Only a diagnostic reads it, never the fast path.
     #[must_use]
     pub fn watchers(&self) -> usize {
-        self.interested.load(Ordering::SeqCst) - self.queued.load(Ordering::SeqCst)
+        lock(&self.inner).watchers.len()
     }
 
     /// Whether `waiter` is first in line.
@@ -227,5 +229,41 @@ impl WaitQueue {
 fn wake(woken: Vec<Arc<Waiter>>) {
     for waiter in woken {
         (waiter.wake)();
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::{WaitQueue, Waiter};
+
+    #[test]
+    fn watchers_counts_only_watchers_while_waiters_come_and_go() {
+        let queue = Arc::new(WaitQueue::new());
+        let done = Arc::new(AtomicBool::new(false));
+        let churn = {
+            let (queue, done) = (queue.clone(), done.clone());
+            std::thread::spawn(move || {
+                // Waiters queued and granted (or cancelled) as fast as possible, watchers never.
+                for i in 0..200_000u64 {
+                    let waiter = Waiter::new(1, || {});
+                    queue.enqueue(waiter.clone(), |_| i % 2 == 0, false);
+                    queue.cancel(&waiter, |_| false, false);
+                }
+                done.store(true, Ordering::SeqCst);
+            })
+        };
+        let watcher = Waiter::new(0, || {});
+        queue.watch(watcher.clone());
+        let mut reads = 0u64;
+        while !done.load(Ordering::SeqCst) {
+            assert_eq!(queue.watchers(), 1, "after {reads} reads");
+            reads += 1;
+        }
+        churn.join().unwrap();
+        queue.unwatch(&watcher);
+        assert_eq!((queue.watchers(), queue.len()), (0, 0));
     }
 }

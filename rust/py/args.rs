@@ -3,6 +3,7 @@
 
 use std::ffi::c_ulong;
 
+use pyo3::exceptions::PyTypeError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyInt};
@@ -20,14 +21,34 @@ pub(crate) fn to_u64(value: &Bound<'_, PyAny>, name: &'static str, max: u64) -> 
         }
         return in_range(int, name, max);
     }
-    // Any other integer type (a NumPy integer, say) offers `__index__`.
-    let Ok(index) = value.call_method0(pyo3::intern!(value.py(), "__index__")) else {
-        return Err(not_an_int(value, name));
-    };
-    let int = index
-        .cast_into::<PyInt>()
-        .map_err(|_| not_an_int(value, name))?;
-    in_range(&int, name, max)
+    in_range(&index(value, name)?, name, max)
+}
+
+/// `operator.index(value)`: any other integer type (a NumPy integer, say) offers `__index__`.
+/// Like every special method it is looked up on the type, never on the instance. An error that
+/// `__index__` itself raises propagates, except a `TypeError` (it returned a non-int), which
+/// becomes the error naming the argument.
+fn index<'py>(value: &Bound<'py, PyAny>, name: &'static str) -> PyResult<Bound<'py, PyInt>> {
+    let py = value.py();
+    // SAFETY: attached (we hold a `Bound`); `value` is a live object. `PyIndex_Check` reads the
+    // type's `nb_index` slot; `PyNumber_Index` returns a new reference to an exact `int`.
+    unsafe {
+        if ffi::PyIndex_Check(value.as_ptr()) == 0 {
+            return Err(not_an_int(value, name));
+        }
+        Bound::from_owned_ptr_or_err(py, ffi::PyNumber_Index(value.as_ptr()))
+    }
+    .map_err(|err| {
+        if err.is_instance_of::<PyTypeError>(py) {
+            let replaced = not_an_int(value, name);
+            replaced.set_cause(py, Some(err));
+            replaced
+        } else {
+            err
+        }
+    })?
+    .cast_into::<PyInt>()
+    .map_err(|_| not_an_int(value, name))
 }
 
 /// The value of an exact `int` in `0..=u64::MAX`, read in a few instructions; `None` for

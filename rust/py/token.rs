@@ -132,7 +132,6 @@ impl AtomicTokenBudgetPy {
     /// Disarms `reservation` and settles it against `prompt + completion` tokens.
     fn record_usage_sync(
         &self,
-        py: Python<'_>,
         reservation: &Bound<'_, PyAny>,
         prompt: &Bound<'_, PyAny>,
         completion: &Bound<'_, PyAny>,
@@ -146,27 +145,21 @@ impl AtomicTokenBudgetPy {
                 expected: "a TokenReservation",
                 type_name: type_name(reservation),
             })?;
-        match &reservation.get().refund {
-            Refund::Native(hold) => hold
-                .record(&self.ledger, prompt, completion)
-                .map_err(Error::from)?,
-            Refund::Python(slot) => {
-                // A reservation built around a refund handle this budget issued (one taken
-                // with `disarm()`) is recognised by that handle.
-                let mut slot = lock(slot);
-                let Some(refund) = slot.as_ref() else {
-                    return Err(Error::from(RecordError::AlreadyReconciled).into());
-                };
-                let Ok(handle) = refund.bind(py).cast::<NativeRefundPy>() else {
-                    return Err(Error::from(RecordError::Foreign).into());
-                };
-                let result = handle.get().hold.record(&self.ledger, prompt, completion);
-                if result != Err(RecordError::Foreign) {
-                    *slot = None;
-                }
-                result.map_err(Error::from)?;
-            }
-        }
+        let reservation = reservation.get();
+        // The hold's single-use claim decides which of several threads recording, disarming or
+        // dropping one reservation wins; no lock is held while the settlement wakes waiters,
+        // whose wake-ups run Python code.
+        let Some(hold) = reservation.hold() else {
+            // A Python refund: a custom backend's reservation, never this budget's.
+            return Err(Error::from(if reservation.armed() {
+                RecordError::Foreign
+            } else {
+                RecordError::AlreadyReconciled
+            })
+            .into());
+        };
+        hold.record(&self.ledger, prompt, completion)
+            .map_err(Error::from)?;
         Ok(())
     }
 
@@ -193,7 +186,7 @@ impl AtomicTokenBudgetPy {
         prompt: &Bound<'_, PyAny>,
         completion: &Bound<'_, PyAny>,
     ) -> PyResult<Py<Awaitable>> {
-        self.record_usage_sync(py, reservation, prompt, completion)?;
+        self.record_usage_sync(reservation, prompt, completion)?;
         Awaitable::none(py)
     }
 
@@ -247,6 +240,10 @@ impl AtomicTokenBudgetPy {
 }
 
 /// The native base of `costbound.TokenReservation`: an estimate and its single-use refund.
+///
+/// No lock here is ever held across a call into Python: a refund is taken out of its slot
+/// first and called after, and a native hold needs no lock at all (its atomic claim decides who
+/// wins when threads record, disarm or drop one reservation at once).
 #[pyclass(frozen, subclass, module = "costbound._native", name = "Reservation")]
 pub(crate) struct ReservationPy {
     estimate: u64,
@@ -256,6 +253,9 @@ pub(crate) struct ReservationPy {
 enum Refund {
     /// Issued by a native budget: the claim on its ledger.
     Native(Hold),
+    /// A native budget's refund handle wrapped again (`TokenReservation(n, r.disarm())`): the
+    /// reservation shares the handle's claim, so it is recorded, disarmed or refunded natively.
+    Handle(Py<NativeRefundPy>),
     /// Given by Python code (a custom backend); `None` once taken.
     Python(Mutex<Option<Py<PyAny>>>),
 }
@@ -263,6 +263,25 @@ enum Refund {
 fn lock<T>(slot: &Mutex<T>) -> MutexGuard<'_, T> {
     // Nothing panics while the lock is held, but a poisoned slot is still a valid slot.
     slot.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl ReservationPy {
+    /// The native claim behind the reservation, if its refund is a native one.
+    fn hold(&self) -> Option<&Hold> {
+        match &self.refund {
+            Refund::Native(hold) => Some(hold),
+            Refund::Handle(handle) => Some(&handle.get().hold),
+            Refund::Python(_) => None,
+        }
+    }
+
+    /// Takes a Python refund out of its slot (the lock is released before the caller uses it).
+    fn take_python_refund(&self) -> Option<Py<PyAny>> {
+        match &self.refund {
+            Refund::Python(slot) => lock(slot).take(),
+            Refund::Native(_) | Refund::Handle(_) => None,
+        }
+    }
 }
 
 #[pymethods]
@@ -273,7 +292,10 @@ impl ReservationPy {
         estimate: &Bound<'_, PyAny>,
         refund: &Bound<'_, PyAny>,
     ) -> PyResult<Self> {
-        if refund.is(issuing_marker(py)) {
+        if ISSUING_MARKER
+            .get(py)
+            .is_some_and(|marker| refund.is(marker))
+        {
             if let Some(hold) = ISSUING.with(Cell::take) {
                 return Ok(Self {
                     estimate: hold.estimate(),
@@ -282,6 +304,12 @@ impl ReservationPy {
             }
         }
         let estimate = to_u64(estimate, "estimate", u64::MAX)?;
+        if let Ok(handle) = refund.cast::<NativeRefundPy>() {
+            return Ok(Self {
+                estimate,
+                refund: Refund::Handle(handle.clone().unbind()),
+            });
+        }
         if !refund.is_callable() {
             return Err(Error::NotCallable {
                 name: "refund",
@@ -305,21 +333,31 @@ impl ReservationPy {
     #[getter]
     fn armed(&self) -> bool {
         match &self.refund {
-            Refund::Native(hold) => hold.is_armed(),
             Refund::Python(slot) => lock(slot).is_some(),
+            Refund::Native(_) | Refund::Handle(_) => self.hold().is_some_and(Hold::is_armed),
         }
     }
 
     /// Takes the refund away and returns it (`None` if already disarmed): the reservation will
     /// not refund itself when dropped, and the caller now owns the refund.
     fn disarm(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
-        match &self.refund {
-            Refund::Native(hold) => hold
-                .take()
-                .map(|hold| Ok(Py::new(py, NativeRefundPy { hold })?.into_any()))
-                .transpose(),
-            Refund::Python(slot) => Ok(lock(slot).take()),
+        let Some(hold) = self.hold() else {
+            return Ok(self.take_python_refund());
+        };
+        if !hold.is_armed() {
+            return Ok(None);
         }
+        // The handle is allocated before the claim moves into it, so that a failed allocation
+        // leaves the reservation armed instead of losing its hold.
+        let handle = Py::new(
+            py,
+            NativeRefundPy {
+                hold: hold.vessel(),
+            },
+        )?;
+        Ok(hold
+            .hand_over(&handle.get().hold)
+            .then(|| handle.into_any()))
     }
 
     /// Calls the refund with the estimate if the reservation is still armed: the finaliser of
@@ -327,16 +365,10 @@ impl ReservationPy {
     /// A refund that raises propagates to the interpreter, which reports it as unraisable.
     #[pyo3(name = "__del__")]
     pub(crate) fn refund_if_armed(&self, py: Python<'_>) -> PyResult<()> {
-        match &self.refund {
-            Refund::Native(hold) => {
-                hold.refund();
-            }
-            Refund::Python(slot) => {
-                let refund = lock(slot).take();
-                if let Some(refund) = refund {
-                    refund.call1(py, (self.estimate,))?;
-                }
-            }
+        if let Some(hold) = self.hold() {
+            hold.refund();
+        } else if let Some(refund) = self.take_python_refund() {
+            refund.call1(py, (self.estimate,))?;
         }
         Ok(())
     }
@@ -364,14 +396,17 @@ impl ReservationPy {
                 visit.call(&*refund)?;
             }
         }
+        // A `Handle` refers to no Python object beyond itself, so it cannot close a cycle.
         Ok(())
     }
 
+    /// Breaks a reference cycle. The refund was called before, by the finaliser (`__del__` of
+    /// `TokenReservation`, [`finalize_reservation`] of the base), which the collector runs on
+    /// every object of a cycle before it clears any; calling Python code here instead could
+    /// run into objects of the cycle that are already cleared.
     fn __clear__(&self) {
-        if let Refund::Python(slot) = &self.refund {
-            let refund = lock(slot).take();
-            drop(refund);
-        }
+        let refund = self.take_python_refund();
+        drop(refund); // after the lock is released: a decref can run arbitrary code
     }
 
     fn __repr__(slf: &Bound<'_, Self>) -> PyResult<String> {
@@ -385,17 +420,116 @@ impl ReservationPy {
     }
 }
 
-impl Drop for ReservationPy {
-    /// A backstop: `__del__` normally refunds first, and a hold refunds at most once.
-    fn drop(&mut self) {
-        if let Refund::Native(hold) = &self.refund {
+impl ReservationPy {
+    /// Refunds an armed reservation that is being destroyed, once: a native hold by atomics, a
+    /// Python refund by calling it with the estimate (see [`call_dropped_refund`]).
+    fn refund_dropped(&self, py: Python<'_>) {
+        if let Some(hold) = self.hold() {
             hold.refund();
+        } else if let Some(refund) = self.take_python_refund() {
+            call_dropped_refund(refund.into_bound(py), self.estimate);
         }
     }
 }
 
+impl Drop for ReservationPy {
+    /// Dropping an armed reservation refunds it, once. For `TokenReservation` this is a backstop
+    /// (its `__del__` refunds first); a base `Reservation` dropped by its reference count is
+    /// refunded here, from `tp_dealloc`, where the interpreter is attached (a cycle's members
+    /// are refunded earlier, by [`finalize_reservation`]).
+    fn drop(&mut self) {
+        if let Some(hold) = self.hold() {
+            hold.refund();
+        } else if let Some(refund) = self.take_python_refund() {
+            // Attached whenever CPython deallocates; if not (a drop outside the interpreter),
+            // the refund cannot run and PyO3 releases it later.
+            let _ =
+                Python::try_attach(|py| call_dropped_refund(refund.into_bound(py), self.estimate));
+        }
+    }
+}
+
+/// The `tp_finalize` slot of the base `Reservation` (PyO3 has no way to declare `__del__`): the
+/// collector calls it on every object of an unreachable cycle before it clears any of them, so
+/// the refund still finds everything it refers to intact. `TokenReservation` has its own
+/// `__del__`; Python subclasses without one inherit this slot.
+unsafe extern "C" fn finalize_reservation(object: *mut pyo3::ffi::PyObject) {
+    // SAFETY: CPython calls `tp_finalize` with the thread attached.
+    let py = unsafe { Python::assume_attached() };
+    let finalized = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // SAFETY: `object` is alive for the whole call (CPython holds it).
+        let object = unsafe { Borrowed::from_ptr(py, object) };
+        if let Ok(reservation) = object.cast::<ReservationPy>() {
+            reservation.get().refund_dropped(py);
+        }
+    }));
+    if let Err(payload) = finalized {
+        // A panic must not unwind into CPython; there is no caller to raise to.
+        let pending = PendingException::set_aside(py);
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|m| (*m).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic while refunding a dropped reservation".to_owned());
+        pyo3::panic::PanicException::new_err(message).write_unraisable(py, None);
+        pending.restore(py);
+    }
+}
+
+/// Gives the base `Reservation` its finaliser, once, before any instance can be made (the
+/// package registers its reservation type on import, before user code runs).
+fn install_reservation_finalizer(py: Python<'_>) {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let kind = ReservationPy::type_object(py);
+        // SAFETY: a heap type PyO3 made, alive for the interpreter's life; `tp_finalize` is read
+        // by the collector and by `tp_dealloc` of subclasses, and nothing reads it before the
+        // first instance exists.
+        unsafe { (*kind.as_type_ptr()).tp_finalize = Some(finalize_reservation) };
+    });
+}
+
+/// Calls a dropped reservation's Python refund with its estimate, as CPython runs a `__del__`:
+/// an exception already being raised is set aside and restored, and one the refund raises is
+/// reported as unraisable (it has nowhere to propagate). Only `Bound`s are dropped here, which
+/// release their references at once: `tp_finalize` is entered without PyO3's bookkeeping, where
+/// a dropped `Py` would be deferred to PyO3's locked pool.
+fn call_dropped_refund(refund: Bound<'_, PyAny>, estimate: u64) {
+    let py = refund.py();
+    let pending = PendingException::set_aside(py);
+    if let Err(err) = refund.call1((estimate,)) {
+        err.write_unraisable(py, Some(&refund));
+    }
+    pending.restore(py);
+}
+
+/// The exception being raised when a reservation is dropped (a deallocation can happen while
+/// one propagates), kept aside while the refund runs, as CPython does around a `__del__`. Raw,
+/// because PyO3's `PyErr::take` would resume a pending Rust panic here instead of keeping it.
+struct PendingException([*mut pyo3::ffi::PyObject; 3]);
+
+// `PyErr_Fetch` and `PyErr_Restore` are deprecated from 3.12 on, not removed, and exist on every
+// Python this crate builds for; their replacements do not exist before 3.12.
+#[allow(deprecated)]
+impl PendingException {
+    fn set_aside(_py: Python<'_>) -> Self {
+        let mut parts = [std::ptr::null_mut(); 3];
+        let [kind, value, traceback] = &mut parts;
+        // SAFETY: attached (a `Python` token is held); the three references become ours.
+        unsafe { pyo3::ffi::PyErr_Fetch(kind, value, traceback) };
+        Self(parts)
+    }
+
+    fn restore(self, _py: Python<'_>) {
+        let [kind, value, traceback] = self.0;
+        // SAFETY: attached; gives the references taken by `set_aside` back to the interpreter.
+        // With none set aside this leaves no exception set (the refund's own was reported).
+        unsafe { pyo3::ffi::PyErr_Restore(kind, value, traceback) };
+    }
+}
+
 /// The refund a native budget's reservation gives up on `disarm()`: a single-use callable that
-/// returns tokens to the budget's ledger through a `Weak` (nothing if the budget is gone).
+/// returns the whole hold to the budget's ledger through a `Weak` (nothing if the budget is gone).
 #[pyclass(frozen, module = "costbound._native", name = "NativeRefund")]
 pub(crate) struct NativeRefundPy {
     hold: Hold,
@@ -403,10 +537,13 @@ pub(crate) struct NativeRefundPy {
 
 #[pymethods]
 impl NativeRefundPy {
-    /// Refunds `amount` tokens (at most the estimate) the first time; later calls do nothing.
+    /// Gives the whole hold back the first time, whatever `amount` it is called with (an int
+    /// `>= 0`: a reservation wrapping it may call it with its own estimate); later calls do
+    /// nothing. A bad `amount` raises and gives nothing back yet.
     fn __call__(&self, amount: &Bound<'_, PyAny>) -> PyResult<()> {
-        let amount = to_u64(amount, "amount", self.hold.estimate())?;
-        self.hold.refund_amount(amount);
+        // Checked, then ignored: a part of a hold given back would lose the rest for good.
+        to_u64(amount, "amount", u64::MAX)?;
+        self.hold.refund();
         Ok(())
     }
 
@@ -448,37 +585,44 @@ thread_local! {
     static ISSUING: Cell<Option<Hold>> = const { Cell::new(None) };
 }
 
-fn issuing_marker(py: Python<'_>) -> &Bound<'_, PyAny> {
-    ISSUING_MARKER
-        .get_or_init(py, || {
-            Py::new(py, IssuingMarker)
-                .expect("allocating the issuing marker")
-                .into_any()
-        })
-        .bind(py)
+/// The cached arguments of an issuing `Reservation.__new__` call: the marker, twice.
+fn issuing_args(py: Python<'_>) -> PyResult<&Bound<'_, PyTuple>> {
+    if let Some(args) = ISSUING_ARGS.get(py) {
+        return Ok(args.bind(py)); // the path every issue takes: one check
+    }
+    let marker =
+        ISSUING_MARKER.get_or_try_init(py, || Py::new(py, IssuingMarker).map(Py::into_any))?;
+    let args = ISSUING_ARGS
+        .get_or_try_init(py, || PyTuple::new(py, [marker, marker]).map(Bound::unbind))?;
+    Ok(args.bind(py))
 }
 
 /// Wraps a granted hold in a `TokenReservation` without running any Python code: the hold is
 /// passed to `Reservation.__new__` through a thread-local, and the constructor is called with
-/// cached arguments, so issuing allocates nothing but the reservation itself.
+/// cached arguments, so issuing allocates nothing but the reservation itself. On any error the
+/// hold's estimate goes back to the budget.
 pub(crate) fn issue_reservation(py: Python<'_>, hold: Hold) -> PyResult<Bound<'_, PyAny>> {
     let kind = RESERVATION_TYPE
         .get(py)
         .map_or_else(|| ReservationPy::type_object(py), |t| t.bind(py).clone());
-    let args = ISSUING_ARGS.get_or_init(py, || {
-        let marker = issuing_marker(py);
-        PyTuple::new(py, [marker, marker])
-            .expect("building the issuing arguments")
-            .unbind()
+    let kind_ptr = kind.as_type_ptr();
+    // SAFETY: `kind_ptr` is a live type object (`kind` holds it).
+    let new = unsafe { (*kind_ptr).tp_new }.ok_or_else(|| {
+        pyo3::exceptions::PyTypeError::new_err("the reservation type cannot be instantiated")
     });
+    let (new, args) = match new.and_then(|new| Ok((new, issuing_args(py)?))) {
+        Ok(found) => found,
+        Err(err) => {
+            hold.refund();
+            return Err(err);
+        }
+    };
     if let Some(stale) = ISSUING.with(|cell| cell.replace(Some(hold))) {
         stale.refund(); // unreachable in practice: every issue takes its own hold back
     }
-    let kind_ptr = kind.as_type_ptr();
     // SAFETY: `kind` is `Reservation` or a registered subclass of it, whose `tp_new` is the
     // one PyO3 generated for `Reservation`; `args` is a valid tuple and no kwargs are passed.
     let issued = unsafe {
-        let new = (*kind_ptr).tp_new.expect("Reservation defines __new__");
         Bound::from_owned_ptr_or_err(py, new(kind_ptr, args.as_ptr(), std::ptr::null_mut()))
     };
     // If `__new__` failed before adopting the hold, its estimate goes back at once.
@@ -489,9 +633,11 @@ pub(crate) fn issue_reservation(py: Python<'_>, hold: Hold) -> PyResult<Bound<'_
 }
 
 /// Makes the native budgets issue instances of `cls` (`costbound.TokenReservation`), a
-/// subclass of `Reservation`. The first registration stays in force.
+/// subclass of `Reservation`. The first registration stays in force. Called on import, it also
+/// gives the base `Reservation` its finaliser.
 #[pyfunction]
 pub(crate) fn register_reservation_type(cls: &Bound<'_, PyType>) -> PyResult<()> {
+    install_reservation_finalizer(cls.py());
     if !cls.is_subclass_of::<ReservationPy>()? {
         return Err(Error::WrongType {
             name: "cls",
