@@ -17,6 +17,7 @@ use pyo3::{PyTraverseError, PyTypeInfo};
 use super::args::{to_u64, type_name};
 use super::awaitable::{Awaitable, Grant};
 use super::error::Error;
+use super::panic_guard::catch_panic;
 use std::ffi::CStr;
 
 use super::fastcall::U64TimeoutMethod;
@@ -456,22 +457,18 @@ impl Drop for ReservationPy {
 unsafe extern "C" fn finalize_reservation(object: *mut pyo3::ffi::PyObject) {
     // SAFETY: CPython calls `tp_finalize` with the thread attached.
     let py = unsafe { Python::assume_attached() };
-    let finalized = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    let finalized = catch_panic(|| {
         // SAFETY: `object` is alive for the whole call (CPython holds it).
         let object = unsafe { Borrowed::from_ptr(py, object) };
         if let Ok(reservation) = object.cast::<ReservationPy>() {
             reservation.get().refund_dropped(py);
         }
-    }));
-    if let Err(payload) = finalized {
+        Ok(())
+    });
+    if let Err(panic) = finalized {
         // A panic must not unwind into CPython; there is no caller to raise to.
         let pending = PendingException::set_aside(py);
-        let message = payload
-            .downcast_ref::<&str>()
-            .map(|m| (*m).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic while refunding a dropped reservation".to_owned());
-        pyo3::panic::PanicException::new_err(message).write_unraisable(py, None);
+        panic.write_unraisable(py, None);
         pending.restore(py);
     }
 }

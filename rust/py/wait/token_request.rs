@@ -81,10 +81,18 @@ impl TokenRequestPy {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Stores `reservation` for the context manager. Whatever the slot held before is dropped
+    /// after the lock is released: dropping an armed reservation calls its refund, which may
+    /// run Python code, and no lock is held across a call into Python.
+    fn keep(&self, reservation: Option<Py<PyAny>>) {
+        let previous = std::mem::replace(&mut *self.slot(), reservation);
+        drop(previous);
+    }
+
     /// Issues the reservation for a granted `hold` and keeps it for the context manager.
     fn adopt(&self, py: Python<'_>, issuer: Reservations, hold: Hold) -> PyResult<Py<PyAny>> {
         let reservation = (issuer.issue)(py, hold)?.unbind();
-        *self.slot() = Some(reservation.clone_ref(py));
+        self.keep(Some(reservation.clone_ref(py)));
         self.state.store(GRANTED, Ordering::Release);
         Ok(reservation)
     }
@@ -119,7 +127,7 @@ impl FastAwait for TokenRequestPy {
             ) {
                 (issue, Some(hold)) => {
                     let reservation = issue(py, hold)?.unbind();
-                    *this.slot() = Some(reservation);
+                    this.keep(Some(reservation));
                     Ok(true)
                 }
                 (_, None) => Ok(false),
