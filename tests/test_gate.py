@@ -275,3 +275,33 @@ def test_a_pass_dropped_unsettled_is_charged_at_the_estimate(sync_backend):
     sync_backend.settle_sync(tokens)
     assert sync_backend.state_sync(tokens).consumed == charged
     assert slots.available == 1
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_wait_inf_means_no_timeout(kind):
+    # Issue 12 point 11: wait=inf passed validation, then raised OverflowError when the request
+    # had to wait. It waits, without a timeout, until room is made.
+    from costbound import AtomicTokenBudget
+
+    tokens = AtomicTokenBudget(300)
+    gate = Gate(tokens=tokens, wait=float("inf"))
+    first = gate.enter_sync(model=None, prompt="x" * 400, max_output_tokens=100)  # 225
+    entered = threading.Event()
+
+    def second() -> None:
+        if kind == "sync":
+            passed = gate.enter_sync(model=None, prompt="x" * 400, max_output_tokens=100)
+        else:
+            passed = asyncio.run(gate.enter(model=None, prompt="x" * 400, max_output_tokens=100))
+        entered.set()
+        passed.refund_sync()
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    assert not entered.wait(0.1)  # it waits
+    first.refund_sync()
+    thread.join(20.0)
+    assert entered.is_set()
+    assert tokens.available == 300
+    with pytest.raises(ValueError, match="wait"):
+        Gate(tokens=tokens, wait=float("nan"))

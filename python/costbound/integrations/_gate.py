@@ -17,6 +17,7 @@ methods. A pass dropped unsettled is charged at the estimate on the budgets that
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, TypedDict
@@ -61,7 +62,7 @@ class Gate:
     ``tokens`` is a ``TokenBudget`` of tokens, ``dollars`` one of micro-dollars (the request's
     model is priced from ``prices``, or genai-prices when left out), ``guards`` maps each
     ``BudgetGuard`` to its cost (a concurrency slot, a requests-per-minute budget). ``wait`` is
-    how long a request may wait for room (0: not at all). ``max_output_tokens`` bounds a request
+    how long a request may wait for room (0: not at all; ``inf``: with no timeout). ``max_output_tokens`` bounds a request
     that sets no bound of its own.
     """
 
@@ -89,7 +90,8 @@ class Gate:
         self.tokens = tokens
         self.dollars = dollars
         self.guards = dict(guards or {})
-        self.wait = float(wait)
+        # Infinity is no timeout at all (admission's None): no clock arithmetic may overflow.
+        self.wait: float | None = None if math.isinf(wait) else float(wait)
         self.max_output_tokens = max_output_tokens
         self.estimator = estimator
         self.prices = prices
