@@ -62,8 +62,8 @@ class Gate:
     ``tokens`` is a ``TokenBudget`` of tokens, ``dollars`` one of micro-dollars (the request's
     model is priced from ``prices``, or genai-prices when left out), ``guards`` maps each
     ``BudgetGuard`` to its cost (a concurrency slot, a requests-per-minute budget). ``wait`` is
-    how long a request may wait for room (0: not at all; ``inf``: with no timeout). ``max_output_tokens`` bounds a request
-    that sets no bound of its own.
+    how long a request may wait for room (0: not at all; ``inf``: with no timeout).
+    ``max_output_tokens`` bounds a request that sets no bound of its own.
     """
 
     def __init__(

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from costbound.integrations._clients import without_unset
 from costbound.integrations._gate import Gate, Pass
 
 __all__ = ["AsyncStream", "Sdk", "SyncStream", "Watcher", "gated_async", "gated_sync", "settle"]
@@ -37,6 +38,7 @@ class Sdk:
     stream: type[Any]  # the class of the streams its calls return
     watcher: Callable[[], Watcher]  # watches one stream for its usage
     usage_in: Callable[[object], object | None]  # the usage of a whole response
+    unset: tuple[type, ...] = ()  # the classes of its "not given" markers (openai.NotGiven, ...)
 
 
 def gated_sync(
@@ -45,7 +47,8 @@ def gated_sync(
     """``call`` gated: the budgets first, then the call, then the settlement."""
 
     @functools.wraps(call)
-    def gated(*args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - the SDK's own types
+    def gated(*args: Any, **given: Any) -> Any:  # noqa: ANN401 - the SDK's own types
+        kwargs = without_unset(given, sdk.unset)
         prompt, bound = request(kwargs)
         passed = gate.enter_sync(model=kwargs.get("model"), prompt=prompt, max_output_tokens=bound)
         try:
@@ -67,7 +70,8 @@ def gated_async(
     """Gate an async ``call`` as :func:`gated_sync` gates a blocking one."""
 
     @functools.wraps(call)
-    async def gated(*args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - the SDK's own types
+    async def gated(*args: Any, **given: Any) -> Any:  # noqa: ANN401 - the SDK's own types
+        kwargs = without_unset(given, sdk.unset)
         prompt, bound = request(kwargs)
         passed = await gate.enter(model=kwargs.get("model"), prompt=prompt, max_output_tokens=bound)
         try:

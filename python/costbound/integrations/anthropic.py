@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anthropic
 
+from costbound.integrations._clients import guard_copies, without_unset
 from costbound.integrations._gate import Gate, GateOptions, Pass
 from costbound.integrations._streams import Sdk, gated_async, gated_sync, settle, settle_sync
 
@@ -32,14 +33,25 @@ def guard(
 ) -> _C:
     """Gate ``client``'s messages (``create``, ``parse``, ``stream``); return the same client.
 
-    ``client.beta.messages`` is gated as well.
+    ``client.beta.messages`` is gated as well, and so are the client's copies
+    (``with_options``, ``copy``) and views (``with_raw_response``, ``with_streaming_response``),
+    on the same budgets. The SDK's unset markers (``anthropic.NOT_GIVEN``, ``anthropic.omit``)
+    count as arguments not given.
     """
-    gate = Gate(**options)
+    return _install(client, Gate(**options))
+
+
+#: The classes of the SDK's "not given" markers (``NOT_GIVEN``, ``not_given``, ``omit``).
+_UNSET = (anthropic.NotGiven, anthropic.Omit)
+
+
+def _install(client: _C, gate: Gate) -> _C:
+    """Gate ``client`` (a new one, or a copy of a guarded one) on ``gate``."""
     if isinstance(client, anthropic.AsyncAnthropic):
-        sdk = Sdk(anthropic.AsyncStream, _MessageUsage, _usage_in)
+        sdk = Sdk(anthropic.AsyncStream, _MessageUsage, _usage_in, _UNSET)
         wrap, manager = gated_async, _AsyncStreamManager
     else:
-        sdk = Sdk(anthropic.Stream, _MessageUsage, _usage_in)
+        sdk = Sdk(anthropic.Stream, _MessageUsage, _usage_in, _UNSET)
         wrap, manager = gated_sync, _StreamManager
     # ``create`` and ``parse`` (structured outputs) each send their own request; ``stream`` is
     # gated when its block is entered. The beta namespace has the same three.
@@ -50,6 +62,7 @@ def guard(
                 setattr(messages, name, wrap(gate, sdk, getattr(messages, name), _request))
         if hasattr(messages, "stream"):
             messages.stream = _gated_stream(gate, messages.stream, manager)  # type: ignore[union-attr,method-assign]
+    guard_copies(client, lambda copy: _install(copy, gate))
     return client
 
 
@@ -115,7 +128,8 @@ def _final_usage(stream: object) -> object | None:
 def _gated_stream(
     gate: Gate, stream: Callable[..., Any], manager: type[_StreamManager | _AsyncStreamManager]
 ) -> Callable[..., Any]:
-    def gated(**kwargs: object) -> _StreamManager | _AsyncStreamManager:
+    def gated(**given: object) -> _StreamManager | _AsyncStreamManager:
+        kwargs = without_unset(given, _UNSET)
         _request(kwargs)  # reads an iterator of messages into a list before the SDK keeps it
         return manager(gate, stream, kwargs)
 

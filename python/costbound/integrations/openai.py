@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import openai
 
+from costbound.integrations._clients import guard_copies
 from costbound.integrations._gate import Gate, GateOptions
 from costbound.integrations._streams import Sdk, gated_async, gated_sync
 
@@ -33,14 +34,25 @@ def guard(
     """Gate ``client``'s chat completions and responses; return the same client.
 
     ``create``, ``parse`` and ``stream`` of ``client.chat.completions`` and of
-    ``client.responses`` are gated.
+    ``client.responses`` are gated, and so are those of the client's copies
+    (``with_options``, ``copy``) and views (``with_raw_response``, ``with_streaming_response``),
+    on the same budgets. The SDK's unset markers (``openai.NOT_GIVEN``, ``openai.omit``) count
+    as arguments not given.
     """
-    gate = Gate(**options)
+    return _install(client, Gate(**options))
+
+
+#: The classes of the SDK's "not given" markers (``NOT_GIVEN``, ``not_given``, ``omit``).
+_UNSET = (openai.NotGiven, openai.Omit)
+
+
+def _install(client: _C, gate: Gate) -> _C:
+    """Gate ``client`` (a new one, or a copy of a guarded one) on ``gate``."""
     if isinstance(client, openai.AsyncOpenAI):
         wrap, stream = gated_async, openai.AsyncStream
     else:
         wrap, stream = gated_sync, openai.Stream
-    sdk = Sdk(stream, _LastUsage, _usage_in)
+    sdk = Sdk(stream, _LastUsage, _usage_in, _UNSET)
     # ``create`` and ``parse`` each send their own request; the ``stream`` helpers send theirs
     # through ``create``, so they are gated with it.
     for resource, request in (
@@ -50,6 +62,7 @@ def guard(
         for name in ("create", "parse"):
             if hasattr(resource, name):  # an older SDK may lack parse
                 setattr(resource, name, wrap(gate, sdk, getattr(resource, name), request))
+    guard_copies(client, lambda copy: _install(copy, gate))
     return client
 
 
