@@ -33,6 +33,7 @@ from costbound._atomic import AtomicBudget, AtomicTokenBudget
 from costbound._protocols import BudgetGuard, TokenBudget
 from costbound._reservation import TokenReservation
 from costbound._usage import BudgetExhausted, Usage, estimate_tokens, usage_of
+from costbound.integrations._attempts import Attempts, chain, connect_failure
 from costbound.prices import PriceTable, price_of
 
 __all__ = ["DEFAULT_MAX_OUTPUT_TOKENS", "Estimator", "Gate", "GateOptions", "Pass"]
@@ -154,24 +155,42 @@ _UNANSWERED = frozenset({"APIConnectionError", "APITimeoutError"})
 
 
 def billed(error: BaseException) -> bool:
-    """Whether a request that failed with ``error`` was billed.
+    """Whether a request that failed with ``error`` was billed, judged from the error alone.
 
     Not when the provider answered with an error status (400 and above: the SDKs' errors carry
-    it as ``status_code``, or on their ``response``); anything else (a lost connection, a
-    timeout, a cancellation) may have gone out, and counts as billed. An error caused by an
-    SDK's connection or timeout error counts as billed whatever status it claims.
+    it as ``status_code``, or on their ``response``, as ``status`` for aiohttp's); anything else
+    (a lost connection, a timeout, a cancellation) may have gone out, and counts as billed. An
+    error caused by an SDK's connection or timeout error counts as billed whatever status it
+    claims, unless that SDK error says it ended the first and only attempt, which failed while
+    connecting (nothing was sent).
     """
-    link: BaseException | None = error
-    for _ in range(16):  # the chain of causes, cut short in case it loops
-        if link is None:
-            break
+    for link in chain(error):
         if any(cls.__name__ in _UNANSWERED for cls in type(link).__mro__):
-            return True
-        link = link.__cause__ or link.__context__
+            return not _only_attempt_unsent(link)
     status = getattr(error, "status_code", None)
+    response = getattr(error, "response", None)
     if status is None:
-        status = getattr(getattr(error, "response", None), "status_code", None)
+        status = getattr(response, "status_code", None)
+    if status is None:
+        status = getattr(response, "status", None)
     return not (isinstance(status, int) and status >= 400)
+
+
+def _only_attempt_unsent(error: BaseException) -> bool:
+    """Whether an OpenAI or Anthropic connection error ended a single attempt that sent nothing.
+
+    Their requests say which attempt they were (``x-stainless-retry-count``); the earlier
+    attempts of a retried call are not known from the error, and may have reached the provider.
+    """
+    headers = getattr(getattr(error, "request", None), "headers", None)
+    first = headers is not None and headers.get("x-stainless-retry-count") == "0"
+    cause = error.__cause__
+    return first and cause is not None and connect_failure(cause)
+
+
+def _billed(error: BaseException, attempts: Attempts | None) -> bool:
+    verdict = None if attempts is None else attempts.billed(error)
+    return billed(error) if verdict is None else verdict
 
 
 #: costbound's own atomic budgets: their blocking methods never block, so the garbage
@@ -258,9 +277,13 @@ class Pass:
         if self._claim():
             await self._ticket.close()
 
-    async def fail(self, error: BaseException) -> None:
-        """Settle a request that raised ``error``: refunded if not billed, else at the estimate."""
-        if billed(error):
+    async def fail(self, error: BaseException, attempts: Attempts | None = None) -> None:
+        """Settle a request that raised ``error``: refunded if not billed, else at the estimate.
+
+        ``attempts`` (the SDK's HTTP attempts, when they were observed) tell whether any of them
+        may have reached the provider; without them the error alone decides (:func:`billed`).
+        """
+        if _billed(error, attempts):
             await self.settle_at_estimate()
         else:
             await self.refund()
@@ -287,9 +310,9 @@ class Pass:
         if self._claim():
             self._ticket.close_sync()
 
-    def fail_sync(self, error: BaseException) -> None:
+    def fail_sync(self, error: BaseException, attempts: Attempts | None = None) -> None:
         """Do what :meth:`fail` does, with the budgets' blocking methods."""
-        if billed(error):
+        if _billed(error, attempts):
             self.settle_at_estimate_sync()
         else:
             self.refund_sync()

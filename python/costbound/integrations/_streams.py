@@ -8,16 +8,27 @@ settled once when it ends, fails or is closed: at its usage if it came, else at 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from costbound.integrations._attempts import Attempts, recording
 from costbound.integrations._clients import without_unset
 from costbound.integrations._gate import Gate, Pass
 
-__all__ = ["AsyncStream", "Sdk", "SyncStream", "Watcher", "gated_async", "gated_sync", "settle"]
+__all__ = [
+    "AsyncStream",
+    "Sdk",
+    "SyncStream",
+    "Watcher",
+    "attempts_of",
+    "gated_async",
+    "gated_sync",
+    "settle",
+]
 
 #: Reads a request's keyword arguments: its prompt and its output bound (it may add options).
 Request = Callable[[dict[str, Any]], tuple[object, "int | None"]]
@@ -39,6 +50,7 @@ class Sdk:
     watcher: Callable[[], Watcher]  # watches one stream for its usage
     usage_in: Callable[[object], object | None]  # the usage of a whole response
     unset: tuple[type, ...] = ()  # the classes of its "not given" markers (openai.NotGiven, ...)
+    observed: bool = False  # whether the client's HTTP attempts are observed (``_attempts``)
 
 
 def gated_sync(
@@ -51,11 +63,12 @@ def gated_sync(
         kwargs = without_unset(given, sdk.unset)
         prompt, bound = request(kwargs)
         passed = gate.enter_sync(model=kwargs.get("model"), prompt=prompt, max_output_tokens=bound)
-        try:
-            response = call(*args, **kwargs)
-        except BaseException as error:
-            passed.fail_sync(error)
-            raise
+        with attempts_of(sdk) as attempts:
+            try:
+                response = call(*args, **kwargs)
+            except BaseException as error:
+                passed.fail_sync(error, attempts)
+                raise
         if isinstance(response, sdk.stream):
             return SyncStream(response, passed, sdk.watcher())
         settle_sync(passed, sdk.usage_in(_parsed(response)))
@@ -74,17 +87,23 @@ def gated_async(
         kwargs = without_unset(given, sdk.unset)
         prompt, bound = request(kwargs)
         passed = await gate.enter(model=kwargs.get("model"), prompt=prompt, max_output_tokens=bound)
-        try:
-            response = await call(*args, **kwargs)
-        except BaseException as error:
-            await passed.fail(error)
-            raise
+        with attempts_of(sdk) as attempts:
+            try:
+                response = await call(*args, **kwargs)
+            except BaseException as error:
+                await passed.fail(error, attempts)
+                raise
         if isinstance(response, sdk.stream):
             return AsyncStream(response, passed, sdk.watcher())
         await settle(passed, sdk.usage_in(await _parsed_async(response)))
         return response
 
     return gated
+
+
+def attempts_of(sdk: Sdk) -> contextlib.AbstractContextManager[Attempts | None]:
+    """Record a call's HTTP attempts when its SDK's are observed (else None: not known)."""
+    return recording() if sdk.observed else contextlib.nullcontext()
 
 
 def _raw(response: object) -> Callable[[], Any] | None:

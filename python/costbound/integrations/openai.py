@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import openai
 
+from costbound.integrations._attempts import observe_http
 from costbound.integrations._clients import guard_copies
 from costbound.integrations._gate import Gate, GateOptions
 from costbound.integrations._streams import Sdk, gated_async, gated_sync
@@ -52,7 +53,7 @@ def _install(client: _C, gate: Gate) -> _C:
         wrap, stream = gated_async, openai.AsyncStream
     else:
         wrap, stream = gated_sync, openai.Stream
-    sdk = Sdk(stream, _LastUsage, _usage_in, _UNSET)
+    sdk = Sdk(stream, _LastUsage, _usage_in, _UNSET, observed=observe_http(client))
     # ``create`` and ``parse`` each send their own request; the ``stream`` helpers send theirs
     # through ``create``, so they are gated with it.
     for resource, request in (
