@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import json
 import socket
 
 import anthropic
@@ -381,3 +382,294 @@ def test_an_aiohttp_error_status_alone_is_read_by_billed():
     error = Exception("429")
     error.response = SimpleNamespace(status=429)  # type: ignore[attr-defined]
     assert not billed(error)
+
+
+# --- a settlement that fails after the provider answered (point 15 d) -----------------------
+
+
+class FailingRecords:
+    """A user-written TokenBudget whose store fails when a call is settled.
+
+    Reservations come from an atomic budget (``inner``); ``record_usage`` raises ``BackendError``
+    as a Redis budget's does when the server went away after the call was admitted.
+    """
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self.inner = AtomicTokenBudget(capacity)
+        self.failed = 0
+
+    async def try_reserve_tokens(self, estimate):
+        return self.inner.try_reserve_tokens_sync(estimate)
+
+    def try_reserve_tokens_sync(self, estimate):
+        return self.inner.try_reserve_tokens_sync(estimate)
+
+    async def record_usage(self, reservation, prompt, completion):
+        self.record_usage_sync(reservation, prompt, completion)
+
+    def record_usage_sync(self, reservation, prompt, completion):
+        from costbound import BackendError
+
+        self.failed += 1
+        raise BackendError("connection refused")
+
+    async def tokens_consumed(self):
+        return self.inner.consumed
+
+    def __repr__(self) -> str:
+        return "<FailingRecords>"
+
+
+SETTLE_FAILED = (
+    r"could not settle a .* call on <FailingRecords> \(BackendError: budget backend error"
+)
+
+
+async def _read_stream(kind, stream):
+    if kind == "async":
+        return [item async for item in stream]
+    return await asyncio.to_thread(lambda: list(stream))
+
+
+def _sse(sdk):
+    if sdk is openai:
+        chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+        events = [
+            {
+                **chunk,
+                "choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": "stop"}],
+            },
+            {
+                **chunk,
+                "choices": [],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+            },
+        ]
+        return "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+    start = {
+        "id": "m1",
+        "type": "message",
+        "role": "assistant",
+        "model": "m",
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {"input_tokens": 3, "output_tokens": 1},
+    }
+    events = [
+        {"type": "message_start", "message": start},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "ok"}},
+        {"type": "content_block_stop", "index": 0},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            "usage": {"output_tokens": 1},
+        },
+        {"type": "message_stop"},
+    ]
+    return "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("sdk", SDKS, ids=lambda s: s.__name__)
+@pytest.mark.parametrize("mode", ["whole", "stream", "helper stream", "error status"])
+async def test_a_failed_settlement_keeps_the_response_and_warns(kind, sdk, mode):
+    httpx = _flavour(sdk)
+
+    def answer(request):
+        if mode == "error status":
+            return httpx.Response(400, json={"error": {"message": "no", "type": "x"}})
+        if json.loads(request.content).get("stream"):
+            return httpx.Response(
+                200, text=_sse(sdk), headers={"content-type": "text/event-stream"}
+            )
+        return _answer(sdk, httpx)
+
+    tokens, slots = FailingRecords(), AtomicBudget(1)
+    client = _guard(sdk, _client(sdk, kind, answer, 0), tokens=tokens, guards={slots: 1})
+    if mode == "whole":
+        with pytest.warns(RuntimeWarning, match=SETTLE_FAILED):
+            response = await _call(kind, sdk, client)
+        assert response is not None
+    elif mode == "stream":
+        stream = await _call(kind, sdk, client, stream=True)
+        with pytest.warns(RuntimeWarning, match=SETTLE_FAILED):
+            items = await _read_stream(kind, stream)
+        assert len(items) >= 2
+    elif mode == "helper stream":
+        await _helper_stream(kind, sdk, client)
+    else:  # a refund needs no record: nothing fails, nothing is charged
+        with pytest.raises(sdk.BadRequestError):
+            await _call(kind, sdk, client)
+    assert slots.available == 1
+    # The failed record left its reservation armed: closing the pass gave its hold back.
+    assert tokens.inner.available == 100_000
+    assert tokens.failed == (0 if mode == "error status" else 1)
+
+
+async def _helper_stream(kind, sdk, client):
+    """The SDK's streaming helper read to its end: the text arrives, the warning says why."""
+    request = {"model": "m", "messages": MESSAGES}
+    if sdk is openai:
+        request["max_completion_tokens"] = 100
+        helper = client.chat.completions.stream
+    else:
+        request["max_tokens"] = 100
+        helper = client.messages.stream
+
+    async def read_async():
+        async with helper(**request) as stream:
+            return [event async for event in stream]
+
+    def read():
+        with helper(**request) as stream:
+            return list(stream)
+
+    with pytest.warns(RuntimeWarning, match=SETTLE_FAILED):
+        events = await (read_async() if kind == "async" else asyncio.to_thread(read))
+    assert events
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_a_failed_settlement_keeps_the_google_genai_response(kind, stream):
+    def answer(request):
+        if "alt=sse" in str(request.url):
+            body = f"data: {json.dumps(_genai_answer())}\r\n\r\n"
+            return GENAI_HTTPX.Response(
+                200, text=body, headers={"content-type": "text/event-stream"}
+            )
+        return GENAI_HTTPX.Response(200, json=_genai_answer())
+
+    tokens, slots = FailingRecords(), AtomicBudget(1)
+    client = _genai_client(answer, 1, tokens=tokens, guards={slots: 1})
+    request = {"model": "gemini-test", "contents": CONTENTS, "config": CONFIG}
+
+    async def texts():
+        if not stream:
+            return [(await _generate(kind, client)).text]
+        if kind == "async":
+            chunks = await client.aio.models.generate_content_stream(**request)
+            return [chunk.text async for chunk in chunks]
+        chunks = client.models.generate_content_stream
+        return await asyncio.to_thread(lambda: [chunk.text for chunk in chunks(**request)])
+
+    with pytest.warns(RuntimeWarning, match=SETTLE_FAILED):
+        received = await texts()
+    assert received == ["ok"]
+    assert (slots.available, tokens.inner.available, tokens.failed) == (1, 100_000, 1)
+
+
+@pytest.mark.asyncio
+async def test_a_failed_settlement_keeps_the_langchain_answer():
+    pytest.importorskip("langchain")
+    from costbound.integrations.langchain import BudgetCallbackHandler, BudgetMiddleware
+    from langchain.agents import create_agent
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage
+
+    usage = {"input_tokens": 3, "output_tokens": 1, "total_tokens": 4}
+
+    def model():
+        return GenericFakeChatModel(messages=iter([AIMessage(content="ok", usage_metadata=usage)]))
+
+    messages = {"messages": [{"role": "user", "content": "hello"}]}
+
+    async def ask(run, gate):
+        if run.endswith("agent"):
+            agent = create_agent(model(), middleware=[BudgetMiddleware(**gate)])
+            if run == "sync agent":
+                return agent.invoke(messages)["messages"][-1].content
+            return (await agent.ainvoke(messages))["messages"][-1].content
+        config = {"callbacks": [BudgetCallbackHandler(**gate)]}
+        if run == "sync callback":
+            return model().invoke("hello", config=config).content
+        return (await model().ainvoke("hello", config=config)).content
+
+    for run in ("sync agent", "async agent", "sync callback", "async callback"):
+        tokens, slots = FailingRecords(), AtomicBudget(1)
+        with pytest.warns(RuntimeWarning, match=SETTLE_FAILED):
+            answer = await ask(run, {"tokens": tokens, "guards": {slots: 1}})
+        assert answer == "ok", run
+        assert (slots.available, tokens.inner.available, tokens.failed) == (1, 100_000, 1), run
+
+
+@pytest.mark.asyncio
+async def test_a_failed_settlement_keeps_the_pydantic_ai_answer():
+    pydantic_ai = pytest.importorskip("pydantic_ai")
+    from costbound.integrations.pydantic_ai import BudgetCapability
+    from pydantic_ai.messages import ModelResponse, TextPart
+    from pydantic_ai.models.function import FunctionModel
+    from pydantic_ai.usage import RequestUsage
+
+    def answer(messages, info):
+        return ModelResponse(
+            parts=[TextPart("ok")], usage=RequestUsage(input_tokens=3, output_tokens=1)
+        )
+
+    tokens, slots = FailingRecords(), AtomicBudget(1)
+    capability = BudgetCapability(tokens=tokens, guards={slots: 1})
+    bot = pydantic_ai.Agent(FunctionModel(answer), capabilities=[capability])
+    with pytest.warns(RuntimeWarning, match=SETTLE_FAILED):
+        result = await bot.run("hello")
+    assert result.output == "ok"
+    assert (slots.available, tokens.inner.available, tokens.failed) == (1, 100_000, 1)
+
+
+@pytest.mark.asyncio
+@pytest.mark.filterwarnings("ignore:Item.* using the `ReadOnly` qualifier:UserWarning")
+async def test_a_failed_settlement_keeps_the_litellm_answer():
+    litellm = pytest.importorskip("litellm")
+    from costbound.integrations.litellm import BudgetLogger
+
+    litellm.logging_callback_manager._reset_all_callbacks()
+    tokens, slots = FailingRecords(), AtomicBudget(1)
+    logger = BudgetLogger(tokens=tokens, guards={slots: 1})
+    litellm.callbacks = [logger]
+    try:
+
+        async def complete():
+            response = await litellm.acompletion(
+                model="gpt-4o-mini",
+                messages=[{"role": "user", "content": "hello"}],
+                mock_response="ok",
+            )
+            for _ in range(2_000):  # LiteLLM logs success in the background
+                if not logger._passes:
+                    break
+                await asyncio.sleep(0.01)
+            return response
+
+        with pytest.warns(RuntimeWarning, match=SETTLE_FAILED):
+            response = await complete()
+        assert response.choices[0].message.content == "ok"
+        assert (slots.available, tokens.inner.available, tokens.failed) == (1, 100_000, 1)
+    finally:
+        litellm.logging_callback_manager._reset_all_callbacks()
+
+
+def test_a_failed_settlement_on_a_stopped_redis_server_warns_and_releases(redis_server):
+    # A real Redis budget: admitted, then the server goes away before the call is settled.
+    from costbound.integrations import Gate
+    from redis_support import RedisBackend
+
+    redis_server.start()
+    backend = RedisBackend(redis_server.url, use_async=False)
+    try:
+        tokens, slots = backend.tokens(100_000), AtomicBudget(1)
+        passed = Gate(tokens=tokens, guards={slots: 1}).enter_sync(
+            model=None, prompt="hi", max_output_tokens=10
+        )
+        redis_server.stop()
+        with pytest.warns(
+            RuntimeWarning, match=r"could not settle a model call on <RedisTokenBudget"
+        ):
+            passed.settle_sync({"input_tokens": 3, "output_tokens": 1})
+        assert passed.settled
+        assert slots.available == 1
+    finally:
+        redis_server.start()
+        backend.close_sync()

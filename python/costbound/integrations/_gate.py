@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypedDict
 
 from costbound._admit import (
@@ -29,6 +29,7 @@ from costbound._admit import (
     admit_blocking,
     take_now_sync,
 )
+from costbound._admit import _run as run_to_completion
 from costbound._atomic import AtomicBudget, AtomicTokenBudget
 from costbound._protocols import BudgetGuard, TokenBudget
 from costbound._reservation import TokenReservation
@@ -193,6 +194,67 @@ def _billed(error: BaseException, attempts: Attempts | None) -> bool:
     return billed(error) if verdict is None else verdict
 
 
+#: (budget, reservation, prompt, completion): one ``record_usage`` of a settlement.
+_Charge = tuple[Any, TokenReservation, int, int]
+
+
+def _planned(
+    charges: Callable[[], list[_Charge]], failures: list[tuple[object, Exception]]
+) -> list[_Charge]:
+    """Work out the charges to record; none (the failure kept) if that raised."""
+    try:
+        return charges()
+    except Exception as error:  # reported with the others: the ticket is still closed
+        failures.append(("the price of its usage", error))
+        return []
+
+
+async def _kept(
+    failures: list[tuple[object, Exception]],
+    budget: object,
+    step: Callable[..., Awaitable[object]],
+    *args: object,
+) -> None:
+    """Run one step of a settlement; keep its failure (reported later) rather than raise.
+
+    An async method may raise when it is called as well as when it is awaited.
+    """
+    try:
+        await step(*args)
+    except Exception as error:  # the caller keeps the provider's answer
+        failures.append((budget, error))
+
+
+def _kept_sync(
+    failures: list[tuple[object, Exception]],
+    budget: object,
+    step: Callable[..., object],
+    *args: object,
+) -> None:
+    """Do what :func:`_kept` does for a blocking step."""
+    try:
+        step(*args)
+    except Exception as error:
+        failures.append((budget, error))
+
+
+def _record_usage_sync(
+    budget: Any,  # noqa: ANN401 - any TokenBudget
+    reservation: TokenReservation,
+    prompt: int,
+    completion: int,
+) -> None:
+    """Call ``record_usage_sync``, or run ``record_usage`` on a private loop.
+
+    A user-written budget may have only the protocol's async methods (admission does the same).
+    """
+    method = getattr(budget, "record_usage_sync", None)
+    if callable(method):
+        method(reservation, prompt, completion)
+    else:
+        run_to_completion(budget.record_usage(reservation, prompt, completion))
+
+
 #: costbound's own atomic budgets: their blocking methods never block, so the garbage
 #: collector may call them (:meth:`Pass.abandon`).
 _LOCK_FREE = (AtomicBudget, AtomicTokenBudget)
@@ -229,7 +291,7 @@ class Pass:
         self._settled = True
         return True
 
-    def _charges(self, usage: Usage | None) -> list[tuple[Any, TokenReservation, int, int]]:
+    def _charges(self, usage: Usage | None) -> list[_Charge]:
         """(budget, reservation, prompt, completion) to record: usage, or the estimates."""
         gate, charges = self._gate, []
         if gate.tokens is not None:
@@ -262,20 +324,23 @@ class Pass:
         """Charge what the provider reported (``usage_of(usage)``), release the guards.
 
         A usage ``usage_of`` cannot read is charged at the estimate, with a ``RuntimeWarning``:
-        the call succeeded, and was billed.
+        the call succeeded, and was billed. Settling never raises an ``Exception``: the provider
+        answered, and the caller must get its answer. A budget that fails to record (a
+        ``BackendError``, a user-written budget's own error) is reported with a
+        ``RuntimeWarning``; every other budget is still settled and every guard released.
         """
         if self._claim():
-            await self._record(self._charges(self._read(usage)))
+            await self._record(lambda: self._charges(self._read(usage)))
 
     async def settle_at_estimate(self) -> None:
         """Charge the estimates (sent, but no usage arrived), release the guards."""
         if self._claim():
-            await self._record(self._charges(None))
+            await self._record(lambda: self._charges(None))
 
     async def refund(self) -> None:
         """Give everything back (the provider answered with an error), release the guards."""
         if self._claim():
-            await self._ticket.close()
+            await self._record(list)
 
     async def fail(self, error: BaseException, attempts: Attempts | None = None) -> None:
         """Settle a request that raised ``error``: refunded if not billed, else at the estimate.
@@ -288,27 +353,28 @@ class Pass:
         else:
             await self.refund()
 
-    async def _record(self, charges: list[tuple[Any, TokenReservation, int, int]]) -> None:
-        try:
-            for budget, reservation, prompt, completion in charges:
-                await budget.record_usage(reservation, prompt, completion)
-        finally:
-            await self._ticket.close()
+    async def _record(self, charges: Callable[[], list[_Charge]]) -> None:
+        """Record each charge, then close the ticket (refunds the rest, releases the guards)."""
+        failures: list[tuple[object, Exception]] = []
+        for budget, reservation, prompt, completion in _planned(charges, failures):
+            await _kept(failures, budget, budget.record_usage, reservation, prompt, completion)
+        await _kept(failures, self._ticket, self._ticket.close)
+        self._report(failures)
 
     def settle_sync(self, usage: object) -> None:
         """Do what :meth:`settle` does, with the budgets' blocking methods."""
         if self._claim():
-            self._record_sync(self._charges(self._read(usage)))
+            self._record_sync(lambda: self._charges(self._read(usage)))
 
     def settle_at_estimate_sync(self) -> None:
         """Do what :meth:`settle_at_estimate` does, with the budgets' blocking methods."""
         if self._claim():
-            self._record_sync(self._charges(None))
+            self._record_sync(lambda: self._charges(None))
 
     def refund_sync(self) -> None:
         """Do what :meth:`refund` does, with the budgets' blocking methods."""
         if self._claim():
-            self._ticket.close_sync()
+            self._record_sync(list)
 
     def fail_sync(self, error: BaseException, attempts: Attempts | None = None) -> None:
         """Do what :meth:`fail` does, with the budgets' blocking methods."""
@@ -317,12 +383,25 @@ class Pass:
         else:
             self.refund_sync()
 
-    def _record_sync(self, charges: list[tuple[Any, TokenReservation, int, int]]) -> None:
-        try:
-            for budget, reservation, prompt, completion in charges:
-                budget.record_usage_sync(reservation, prompt, completion)
-        finally:
-            self._ticket.close_sync()
+    def _record_sync(self, charges: Callable[[], list[_Charge]]) -> None:
+        failures: list[tuple[object, Exception]] = []
+        for budget, reservation, prompt, completion in _planned(charges, failures):
+            _kept_sync(
+                failures, budget, _record_usage_sync, budget, reservation, prompt, completion
+            )
+        _kept_sync(failures, self._ticket, self._ticket.close_sync)
+        self._report(failures)
+
+    def _report(self, failures: list[tuple[object, Exception]]) -> None:
+        """Warn of each budget the settlement failed on (``RuntimeWarning``); raise nothing."""
+        for budget, error in failures:
+            warnings.warn(
+                f"costbound could not settle a {self.model or 'model'} call on {budget!r} "
+                f"({type(error).__name__}: {error}); the caller gets the response all the same. "
+                "A Redis budget re-sends a failed settlement with its next call or flush()",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def abandon(self) -> None:
         """Settle a pass no one else will, from the garbage collector: at the estimate.
