@@ -10,8 +10,9 @@ budget that denied, and the request must not be sent. The pass is then settled e
   or abandoned, a connection lost after sending): it was billed, so the estimate is charged.
 
 Each of them releases the guards. The ``_sync`` twins do the same with the budgets' blocking
-methods. A pass dropped unsettled is charged at the estimate on the budgets that allow it
-(:meth:`Pass.abandon`).
+methods. A pass dropped unsettled is charged at the estimate on every budget
+(:meth:`Pass.abandon`). Stored guards (Redis, SQLite) are taken as leases, so that a call that
+never gives its guard back (abandoned, crashed) loses it only until its lease ends.
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ from costbound._admit import (
     take_now_sync,
 )
 from costbound._admit import _run as run_to_completion
-from costbound._atomic import AtomicBudget, AtomicTokenBudget
 from costbound._protocols import BudgetGuard, TokenBudget
 from costbound._reservation import TokenReservation
 from costbound._usage import BudgetExhausted, Usage, estimate_tokens, usage_of
 from costbound.integrations._attempts import Attempts, chain, connect_failure
+from costbound.integrations._leases import LOCK_FREE, Leased, leased, underlying
 from costbound.prices import PriceTable, price_of
 
 __all__ = ["DEFAULT_MAX_OUTPUT_TOKENS", "Estimator", "Gate", "GateOptions", "Pass"]
@@ -129,9 +130,9 @@ class Gate:
         """Take every budget the request needs, or raise ``BudgetExhausted``."""
         parts, total = self._plan(model, prompt, max_output_tokens)
         try:
-            ticket = await admit(guards=self.guards, tokens=parts, timeout=self.wait)
+            ticket = await admit(guards=leased(self.guards), tokens=parts, timeout=self.wait)
         except (AdmissionTimeoutError, NeverFitsError) as denied:
-            raise BudgetExhausted(denied.budget, denied.amount) from None
+            raise BudgetExhausted(underlying(denied.budget), denied.amount) from None
         return Pass(self, ticket.reservations, ticket, model, total)
 
     def enter_sync(
@@ -139,13 +140,14 @@ class Gate:
     ) -> Pass:
         """Do what :meth:`enter` does, on a thread (with the budgets' blocking methods)."""
         parts, total = self._plan(model, prompt, max_output_tokens)
+        guards = leased(self.guards)
         try:
             if self.wait == 0:  # nothing to wait for: fine on any thread, even a loop's
-                ticket = take_now_sync(self.guards, parts)
+                ticket = take_now_sync(guards, parts)
             else:
-                ticket = admit_blocking(guards=self.guards, tokens=parts, timeout=self.wait)
+                ticket = admit_blocking(guards=guards, tokens=parts, timeout=self.wait)
         except (AdmissionTimeoutError, NeverFitsError) as denied:
-            raise BudgetExhausted(denied.budget, denied.amount) from None
+            raise BudgetExhausted(underlying(denied.budget), denied.amount) from None
         return Pass(self, ticket.reservations, ticket, model, total)
 
 
@@ -253,11 +255,6 @@ def _record_usage_sync(
         method(reservation, prompt, completion)
     else:
         run_to_completion(budget.record_usage(reservation, prompt, completion))
-
-
-#: costbound's own atomic budgets: their blocking methods never block, so the garbage
-#: collector may call them (:meth:`Pass.abandon`).
-_LOCK_FREE = (AtomicBudget, AtomicTokenBudget)
 
 
 class Pass:
@@ -406,21 +403,30 @@ class Pass:
     def abandon(self) -> None:
         """Settle a pass no one else will, from the garbage collector: at the estimate.
 
-        Its request went out (a stream never read, say), and was billed. Only costbound's
-        atomic budgets are settled here, whose blocking methods never block: the estimate is
-        recorded on them and their guard units released. Another budget (a Redis one, a
-        user's with a lock) could wait here for a lock that the collected thread holds, so it
-        is left to what it does with a dropped reservation or permit: a reservation is
-        refunded, a Redis permit comes back when its lease ends.
+        Its request went out (a stream never read, say), and was billed, on every budget alike.
+        Nothing here may wait on a network or a lock (the collected thread may hold it):
+
+        - costbound's atomic budgets are lock-free: the estimate is recorded on them and their
+          guard units released;
+        - any other token budget's reservation is charged its estimate by being refunded
+          nothing (its refund called with 0): a Redis reservation's lease ends with nothing
+          given back, without blocking (sent with the budget's next call);
+        - a stored guard's permit is let go: its lease ends by itself (:class:`Leased`).
         """
         if not self._claim():
             return
         for budget, reservation, prompt, completion in self._charges(None):
-            if type(budget) in _LOCK_FREE:
-                with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):
+                if type(budget) in LOCK_FREE:
                     budget.record_usage_sync(reservation, prompt, completion)
+                else:
+                    refund = reservation.disarm()
+                    if refund is not None:
+                        refund(0)
         for guard, cost in self._ticket.guards.items():
-            if type(guard) in _LOCK_FREE:
+            if isinstance(guard, Leased):
+                guard.drop()
+            elif type(guard) in LOCK_FREE:
                 with contextlib.suppress(Exception):
                     guard.release_sync(cost)
 

@@ -1,0 +1,121 @@
+"""Guards a gate takes as leases: stored budgets (Redis, SQLite) whose ``reserve`` gives a lease.
+
+A stored guard's ``try_reserve`` / ``release`` are plain counters without identity: units a call
+took that way and never gave back (a stream abandoned unread, a worker that crashed) are gone
+for good, so a concurrency slot of 8 becomes 7. Its ``reserve`` gives a permit instead, a lease
+that comes back when it ends even if its holder never releases it. A gate takes such a guard
+through a :class:`Leased` part, one per admission: to ``admit`` it is a guard like any other,
+whose ``try_reserve`` takes a permit without waiting (``reserve(cost, timeout=0)``) and whose
+``release`` releases that permit.
+
+costbound's own atomic budgets are not leased: their counters are lock-free, so a dropped pass
+gives their units back from the garbage collector itself (:meth:`Pass.abandon`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Mapping
+from typing import Any
+
+from costbound._admit import NeverFitsError
+from costbound._atomic import AtomicBudget, AtomicTokenBudget
+from costbound._protocols import BudgetGuard
+
+__all__ = ["LOCK_FREE", "Leased", "leased", "underlying"]
+
+#: costbound's own atomic budgets: their blocking methods never block, so the garbage
+#: collector may call them (:meth:`Pass.abandon`).
+LOCK_FREE = (AtomicBudget, AtomicTokenBudget)
+
+
+def _leases(guard: object) -> bool:
+    """Whether ``guard`` lends its units as leases (``reserve`` and ``reserve_blocking``)."""
+    if type(guard) in LOCK_FREE:
+        return False
+    return callable(getattr(guard, "reserve", None)) and callable(
+        getattr(guard, "reserve_blocking", None)
+    )
+
+
+def leased(guards: Mapping[BudgetGuard, int]) -> dict[Any, int]:
+    """Give one admission's guards, each one that lends leases wrapped in a new :class:`Leased`."""
+    return {(Leased(guard) if _leases(guard) else guard): cost for guard, cost in guards.items()}
+
+
+def underlying(part: object) -> object:
+    """Give the budget a part of an admission stands for (a :class:`Leased` part's guard)."""
+    return part.guard if isinstance(part, Leased) else part
+
+
+class Leased:
+    """One lease on a stored guard, as a part of one admission.
+
+    ``try_reserve`` takes a permit if ``cost`` fits now; ``release`` releases it. A pass dropped
+    unsettled lets its permit go (:meth:`drop`): the lease ends by itself.
+    """
+
+    __slots__ = ("guard", "permit")
+
+    def __init__(self, guard: Any) -> None:  # noqa: ANN401 - a stored BudgetGuard
+        self.guard = guard
+        self.permit: Any = None
+
+    async def try_reserve(self, cost: int) -> bool:
+        """Lease ``cost`` now, or ``False`` (a ``NeverFitsError`` above the capacity)."""
+        try:
+            self.permit = await self.guard.reserve(cost, timeout=0)
+        except TimeoutError:
+            return False
+        except ValueError:  # above the stored capacity: waiting would never end
+            raise NeverFitsError(self.guard, cost) from None
+        return True
+
+    def try_reserve_sync(self, cost: int) -> bool:
+        """Do what :meth:`try_reserve` does, with the blocking client."""
+        try:
+            self.permit = _reserve_now_sync(self.guard, cost)
+        except TimeoutError:
+            return False
+        except ValueError:
+            raise NeverFitsError(self.guard, cost) from None
+        return True
+
+    async def release(self, cost: int) -> None:
+        """Release the permit (``cost`` is the permit's own)."""
+        permit, self.permit = self.permit, None
+        if permit is not None:
+            await permit.release()
+
+    def release_sync(self, cost: int) -> None:
+        """Do what :meth:`release` does, with the blocking client."""
+        permit, self.permit = self.permit, None
+        if permit is not None:
+            permit.release_sync()
+
+    def drop(self) -> None:
+        """Let the permit go without a network call (the garbage collector may be running).
+
+        The lease comes back when it ends, or sooner if the backend releases a dropped permit.
+        """
+        self.permit = None
+
+    def __repr__(self) -> str:
+        return repr(self.guard)
+
+
+def _reserve_now_sync(guard: Any, cost: int) -> Any:  # noqa: ANN401 - a stored guard's permit
+    """``reserve_blocking(cost, timeout=0)``, even on a thread that runs an event loop.
+
+    A gate that does not wait takes its budgets on any thread (a blocking SDK client called
+    from async code). ``reserve_blocking`` refuses a thread that runs a loop, since it could
+    wait there; with ``timeout=0`` it never waits, so it runs on a worker thread instead, and
+    this thread is blocked no longer than a ``try_reserve_sync`` would block it.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return guard.reserve_blocking(cost, timeout=0)
+    with concurrent.futures.ThreadPoolExecutor(1) as worker:
+        return worker.submit(guard.reserve_blocking, cost, timeout=0).result()
