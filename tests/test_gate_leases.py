@@ -122,3 +122,21 @@ async def test_abandoned_streams_are_charged_alike_on_atomic_and_redis_tokens(ki
         assert (await stored.snapshot()).available == atomic.available == 100_000 - 3 * ESTIMATE
     finally:
         await backend.aclose()
+
+
+@pytest.mark.asyncio
+async def test_a_blocking_client_called_on_an_event_loop_takes_its_redis_lease(redis_url):
+    # Blocking SDK clients are called from async code; a gate that does not wait takes its
+    # budgets on any thread, and a Redis guard's lease too (reserve_blocking refuses a loop's
+    # thread, since it could wait there: with timeout=0 it never does).
+    backend = RedisBackend(redis_url)
+    try:
+        slots, tokens = backend.unit(1), backend.tokens(100_000)
+        client = guard(_client("sync"), tokens=tokens, guards={slots: 1})
+        stream = client.chat.completions.create(**CHAT)  # on this loop's thread
+        assert (await slots.snapshot()).outstanding == 1
+        assert [chunk.choices for chunk in stream][-1] == []  # read to its end: settled
+        snapshot = await slots.snapshot()
+        assert (snapshot.available, snapshot.outstanding) == (1, 0)
+    finally:
+        await backend.aclose()
