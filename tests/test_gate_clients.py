@@ -277,6 +277,11 @@ def _openai_calls(client):
         "copy raw": lambda: client.with_options(timeout=5.0).with_raw_response.responses.create(
             model="gpt-test", input="hi", max_output_tokens=100
         ),
+        "beta chat": lambda: client.beta.chat.completions.create(**chat),
+        "beta responses": lambda: client.beta.responses.create(
+            model="gpt-test", input="hi", max_output_tokens=100
+        ),
+        "copy beta chat": lambda: client.copy().beta.chat.completions.create(**chat),
         "streaming": lambda: client.with_streaming_response.chat.completions.create(**chat),
         "copy streaming": lambda: client.copy().chat.completions.with_streaming_response.create(
             **chat

@@ -35,7 +35,8 @@ def guard(
     """Gate ``client``'s chat completions and responses; return the same client.
 
     ``create``, ``parse`` and ``stream`` of ``client.chat.completions`` and of
-    ``client.responses`` are gated, and so are those of the client's copies
+    ``client.responses`` (and of their twins in ``client.beta``) are gated, and so are those of
+    the client's copies
     (``with_options``, ``copy``) and views (``with_raw_response``, ``with_streaming_response``),
     on the same budgets. The SDK's unset markers (``openai.NOT_GIVEN``, ``openai.omit``) count
     as arguments not given.
@@ -55,11 +56,17 @@ def _install(client: _C, gate: Gate) -> _C:
         wrap, stream = gated_sync, openai.Stream
     sdk = Sdk(stream, _LastUsage, _usage_in, _UNSET, observed=observe_http(client))
     # ``create`` and ``parse`` each send their own request; the ``stream`` helpers send theirs
-    # through ``create``, so they are gated with it.
+    # through ``create``, so they are gated with it. ``client.beta`` has resources of its own
+    # for the same endpoints (older SDKs, and some frameworks, call them there).
+    beta = getattr(client, "beta", None)
     for resource, request in (
         (client.chat.completions, _chat_request),
         (client.responses, _responses_request),
+        (getattr(getattr(beta, "chat", None), "completions", None), _chat_request),
+        (getattr(beta, "responses", None), _responses_request),
     ):
+        if resource is None:
+            continue
         for name in ("create", "parse"):
             if hasattr(resource, name):  # an older SDK may lack parse
                 setattr(resource, name, wrap(gate, sdk, getattr(resource, name), request))
