@@ -119,15 +119,37 @@ def _no_retry_delay(monkeypatch):
         monkeypatch.setattr(sdk._base_client, "INITIAL_RETRY_DELAY", 0.0)
 
 
+async def _stream_helper(kind, sdk, client, **extra):
+    """Enter the SDK's streaming helper (``chat.completions.stream``, ``messages.stream``)."""
+    if sdk is openai:
+        helper = client.chat.completions.stream
+        request = {"model": "m", "messages": MESSAGES, "max_completion_tokens": 100, **extra}
+    else:
+        helper = client.messages.stream
+        request = {"model": "m", "messages": MESSAGES, "max_tokens": 100, **extra}
+    if kind == "async":
+        async with helper(**request):
+            pass
+        return
+
+    def enter():
+        with helper(**request):
+            pass
+
+    await asyncio.to_thread(enter)
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("sdk", SDKS, ids=lambda s: s.__name__)
-async def test_a_bad_keyword_argument_refunds_everything(kind, sdk):
+@pytest.mark.parametrize("how", ["create", "stream helper"])
+async def test_a_bad_keyword_argument_refunds_everything(kind, sdk, how):
     script = Script(sdk, [])
     tokens, slots = AtomicTokenBudget(100_000), AtomicBudget(1)
     client = _guard(sdk, _client(sdk, kind, script, 2), tokens=tokens, guards={slots: 1})
+    send = _call if how == "create" else _stream_helper
     with pytest.raises(TypeError, match="bogus"):
-        await _call(kind, sdk, client, bogus=1)
+        await send(kind, sdk, client, bogus=1)
     assert script.seen == 0
     assert (tokens.available, tokens.consumed, slots.available) == (100_000, 0, 1)
 
@@ -673,3 +695,39 @@ def test_a_failed_settlement_on_a_stopped_redis_server_warns_and_releases(redis_
     finally:
         redis_server.start()
         backend.close_sync()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("sdk", SDKS, ids=lambda s: s.__name__)
+@pytest.mark.parametrize(
+    ("outcomes", "charged"),
+    [(["refused", "refused"], False), (["lost", "refused"], True)],
+    ids=["refused on every attempt", "lost, then refused"],
+)
+async def test_pydantic_ai_capability_tells_a_request_that_never_went_out(sdk, outcomes, charged):
+    # BudgetCapability does not guard the model's SDK client, but observes its attempts.
+    pydantic_ai = pytest.importorskip("pydantic_ai")
+    from costbound.integrations.pydantic_ai import BudgetCapability
+    from pydantic_ai.exceptions import ModelAPIError
+
+    script = Script(sdk, outcomes)
+    client = _client(sdk, "async", script, len(outcomes) - 1)
+    if sdk is openai:
+        from pydantic_ai.models.openai import OpenAIChatModel
+        from pydantic_ai.providers.openai import OpenAIProvider
+
+        model = OpenAIChatModel("m", provider=OpenAIProvider(openai_client=client))
+    else:
+        from pydantic_ai.models.anthropic import AnthropicModel
+        from pydantic_ai.providers.anthropic import AnthropicProvider
+
+        model = AnthropicModel("m", provider=AnthropicProvider(anthropic_client=client))
+    tokens, slots = AtomicTokenBudget(100_000), AtomicBudget(1)
+    capability = BudgetCapability(tokens=tokens, guards={slots: 1}, max_output_tokens=100)
+    bot = pydantic_ai.Agent(model, capabilities=[capability])
+    with pytest.raises((ModelAPIError, sdk.APIConnectionError)):
+        await bot.run("hello")
+    assert script.seen == len(outcomes)
+    estimate = 3 + 4 + 100
+    assert tokens.consumed == (estimate if charged else 0)
+    assert (tokens.available, slots.available) == (100_000 - tokens.consumed, 1)

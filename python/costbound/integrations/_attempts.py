@@ -38,6 +38,8 @@ __all__ = [
     "chain",
     "connect_failure",
     "observe",
+    "observe_client",
+    "observe_genai",
     "observe_http",
     "recording",
     "transport_failure",
@@ -151,6 +153,42 @@ def observe_http(client: object) -> bool:
         return False
     observe(http, "send", _no_status)
     return True
+
+
+#: google-genai's one attempt of its retries, blocking and async (on its ``_api_client``).
+_GENAI_ATTEMPTS = ("_request_once", "_async_request_once")
+
+
+def observe_genai(client: object, status: Callable[[BaseException], int | None]) -> bool:
+    """Observe each attempt of a google-genai client; whether it could.
+
+    Each attempt of its retries (``HttpRetryOptions``; the one implicit retry over aiohttp
+    happens inside an attempt, chained) is one call of ``_request_once`` (blocking) or
+    ``_async_request_once``. ``status`` reads an answered error's status.
+    """
+    api = getattr(client, "_api_client", None)
+    if api is None or not all(callable(getattr(api, name, None)) for name in _GENAI_ATTEMPTS):
+        return False
+    for name in _GENAI_ATTEMPTS:
+        observe(api, name, status)
+    return True
+
+
+def observe_client(client: object) -> bool:
+    """Observe the attempts of an SDK client of any kind this module knows; whether it could.
+
+    For gates that meet a framework's SDK client without guarding it (pydantic-ai's models):
+    observing only records, within a gated call, what the client does anyway.
+    """
+    return observe_http(client) or observe_genai(client, _genai_status)
+
+
+def _genai_status(error: BaseException) -> int | None:
+    """Read google-genai's ``APIError.code`` (by its class name: its SDK is not imported here)."""
+    if not any(cls.__name__ == "APIError" for cls in type(error).__mro__):
+        return None
+    code = getattr(error, "code", None)
+    return code if isinstance(code, int) else None
 
 
 def _no_status(error: BaseException) -> None:

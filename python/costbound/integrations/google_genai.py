@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from google import genai
 
-from costbound.integrations._attempts import observe
+from costbound.integrations._attempts import observe_genai
 from costbound.integrations._gate import Gate, GateOptions
 from costbound.integrations._streams import Sdk, gated_async, gated_sync
 
@@ -33,15 +33,9 @@ def guard(
 ) -> genai.Client:
     """Gate ``client``'s content generation, blocking and async; return the same client."""
     gate = Gate(**options)
-    # Each attempt of the SDK's retries (HttpRetryOptions; aiohttp's one implicit retry happens
-    # inside an attempt, chained) is one call of these: observed, to tell whether a failed call
-    # may have reached the API.
-    api = getattr(client, "_api_client", None)
-    attempts = ("_request_once", "_async_request_once")
-    observed = api is not None and all(callable(getattr(api, name, None)) for name in attempts)
-    if observed:
-        for name in attempts:
-            observe(api, name, _status)
+    # Each attempt of the SDK's retries is observed, to tell whether a failed call may have
+    # reached the API.
+    observed = observe_genai(client, _status)
     blocking = Sdk(types.GeneratorType, _StreamUsage, _usage_in, observed=observed)
     asynchronous = Sdk(types.AsyncGeneratorType, _StreamUsage, _usage_in, observed=observed)
     models, aio_models = client.models, client.aio.models
