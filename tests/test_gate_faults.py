@@ -731,3 +731,59 @@ async def test_pydantic_ai_capability_tells_a_request_that_never_went_out(sdk, o
     estimate = 3 + 4 + 100
     assert tokens.consumed == (estimate if charged else 0)
     assert (tokens.available, slots.available) == (100_000 - tokens.consumed, 1)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    ("outcomes", "raised", "charged"),
+    [
+        (["429"], genai.errors.APIError, False),
+        (["refused"], GENAI_HTTPX.ConnectError, False),
+        (["lost", "refused"], GENAI_HTTPX.ConnectError, True),
+    ],
+    ids=["429", "refused", "timed out, then refused"],
+)
+async def test_a_google_genai_stream_sends_its_request_when_read(kind, outcomes, raised, charged):
+    # generate_content_stream returns before its request goes out: the request is made when the
+    # stream is first read, and its failure there is judged by its attempts, as a call's is.
+    script = GenaiScript(outcomes)
+    tokens, slots = AtomicTokenBudget(100_000), AtomicBudget(1)
+    client = _genai_client(script, len(outcomes), tokens=tokens, guards={slots: 1})
+    request = {"model": "gemini-test", "contents": CONTENTS, "config": CONFIG}
+
+    async def read():
+        if kind == "async":
+            return [c async for c in await client.aio.models.generate_content_stream(**request)]
+        return await asyncio.to_thread(
+            lambda: list(client.models.generate_content_stream(**request))
+        )
+
+    with pytest.raises(raised):
+        await read()
+    assert script.seen == len(outcomes)
+    assert tokens.consumed == (ESTIMATE if charged else 0)
+    assert (tokens.available, slots.available) == (100_000 - tokens.consumed, 1)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", KINDS)
+async def test_an_openai_stream_that_fails_after_its_answer_began_is_charged(kind):
+    # The request was answered (200) and billed; an error event in the stream does not undo it.
+    httpx = _flavour(openai)
+
+    def answer(request):
+        chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+        first = {
+            **chunk,
+            "choices": [{"index": 0, "delta": {"content": "o"}, "finish_reason": None}],
+        }
+        body = f"data: {json.dumps(first)}\n\n" + 'data: {"error": {"message": "overloaded"}}\n\n'
+        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+    tokens = AtomicTokenBudget(100_000)
+    client = _guard(openai, _client(openai, kind, answer, 0), tokens=tokens)
+    stream = await _call(kind, openai, client, stream=True)
+    with pytest.raises(openai.APIError, match="overloaded"):
+        await _read_stream(kind, stream)
+    assert tokens.consumed == ESTIMATE

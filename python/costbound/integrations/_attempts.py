@@ -87,9 +87,14 @@ _CURRENT: ContextVar[Attempts | None] = ContextVar("costbound_attempts", default
 
 
 @contextlib.contextmanager
-def recording() -> Iterator[Attempts]:
-    """Record the attempts made in this block (this thread, or this task and its children)."""
-    attempts = Attempts(_CURRENT.get())
+def recording(attempts: Attempts | None = None) -> Iterator[Attempts]:
+    """Record the attempts made in this block (this thread, or this task and its children).
+
+    Into ``attempts`` when given (a stream's reads add to the attempts of the call that made
+    it), else into new ones.
+    """
+    if attempts is None:
+        attempts = Attempts(_CURRENT.get())
     token = _CURRENT.set(attempts)
     try:
         yield attempts

@@ -70,7 +70,7 @@ def gated_sync(
                 passed.fail_sync(error, attempts)
                 raise
         if isinstance(response, sdk.stream):
-            return SyncStream(response, passed, sdk.watcher())
+            return SyncStream(response, passed, sdk.watcher(), attempts)
         settle_sync(passed, sdk.usage_in(_parsed(response)))
         return response
 
@@ -94,7 +94,7 @@ def gated_async(
                 await passed.fail(error, attempts)
                 raise
         if isinstance(response, sdk.stream):
-            return AsyncStream(response, passed, sdk.watcher())
+            return AsyncStream(response, passed, sdk.watcher(), attempts)
         await settle(passed, sdk.usage_in(await _parsed_async(response)))
         return response
 
@@ -157,18 +157,55 @@ async def settle(passed: Pass, usage: object | None) -> None:
         await passed.settle(usage)
 
 
-class SyncStream:
-    """The SDK's stream, watched; settled at its usage when it ends, else at the estimate."""
+class _Watched:
+    """What both stream wrappers hold: the SDK's stream, its pass, watcher and attempts.
 
-    def __init__(self, stream: Any, passed: Pass, watcher: Watcher) -> None:  # noqa: ANN401
+    Some streams send their request only when first read (google-genai's): each read is
+    recorded with the attempts of the call that made the stream, and a read that raises is
+    settled as a failed call is (:meth:`Pass.fail`). Without observed attempts a failed read
+    is charged at the estimate, as a stream cut short is.
+    """
+
+    def __init__(
+        self,
+        stream: Any,  # noqa: ANN401 - the SDK's stream
+        passed: Pass,
+        watcher: Watcher,
+        attempts: Attempts | None = None,
+    ) -> None:
         self._stream = stream
         self._passed = passed
         self._watcher = watcher
-        self._items: Iterator[Any] | None = None
+        self._attempts = attempts
+
+    def _reading(self) -> contextlib.AbstractContextManager[object]:
+        """Record the attempts a read makes (one ``next``: never across a ``yield``)."""
+        if self._attempts is None:
+            return contextlib.nullcontext()
+        return recording(self._attempts)
+
+    def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - the SDK stream's attributes
+        return getattr(self._stream, name)
+
+
+class SyncStream(_Watched):
+    """The SDK's stream, watched; settled at its usage when it ends, else at the estimate."""
+
+    _items: Iterator[Any] | None = None
 
     def __iter__(self) -> Iterator[Any]:
+        items = iter(self._stream)
         try:
-            for item in self._stream:
+            while True:
+                try:
+                    with self._reading():
+                        item = next(items)
+                except StopIteration:
+                    return
+                except Exception as error:
+                    if self._attempts is not None:
+                        self._passed.fail_sync(error, self._attempts)
+                    raise
                 self._watcher.see(item)
                 yield item
         finally:
@@ -193,22 +230,25 @@ class SyncStream:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - the SDK stream's attributes
-        return getattr(self._stream, name)
 
-
-class AsyncStream:
+class AsyncStream(_Watched):
     """Watch an async stream as :class:`SyncStream` watches a blocking one."""
 
-    def __init__(self, stream: Any, passed: Pass, watcher: Watcher) -> None:  # noqa: ANN401
-        self._stream = stream
-        self._passed = passed
-        self._watcher = watcher
-        self._items: AsyncIterator[Any] | None = None
+    _items: AsyncIterator[Any] | None = None
 
     async def __aiter__(self) -> AsyncIterator[Any]:
+        items = aiter(self._stream)
         try:
-            async for item in self._stream:
+            while True:
+                try:
+                    with self._reading():
+                        item = await anext(items)
+                except StopAsyncIteration:
+                    return
+                except Exception as error:
+                    if self._attempts is not None:
+                        await self._passed.fail(error, self._attempts)
+                    raise
                 self._watcher.see(item)
                 yield item
         finally:
@@ -236,6 +276,3 @@ class AsyncStream:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-    def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - the SDK stream's attributes
-        return getattr(self._stream, name)

@@ -62,7 +62,11 @@ class BudgetCapability(AbstractCapability[Any]):
             try:
                 response = await handler(request_context)
             except BaseException as error:
-                await passed.fail(error, attempts)
+                # pydantic-ai may send a streamed request from another task, where no attempt is
+                # recorded here: only attempts that were seen tell anything.
+                await passed.fail(
+                    error, attempts if attempts is not None and attempts.made else None
+                )
                 raise
         if _finished(response):
             await passed.settle(response.usage)
