@@ -306,3 +306,15 @@ def test_wait_inf_means_no_timeout(kind):
     assert tokens.available == 300
     with pytest.raises(ValueError, match="wait"):
         Gate(tokens=tokens, wait=float("nan"))
+
+
+def test_a_usage_with_impossible_counts_is_charged_at_the_estimate_with_a_warning():
+    # A provider (or a proxy) reporting a negative count: the usage cannot be read, the call
+    # was billed all the same, and the caller must keep the answer (no ValueError out of it).
+    from costbound import AtomicTokenBudget
+
+    tokens = AtomicTokenBudget(10_000)
+    passed = Gate(tokens=tokens).enter_sync(model=None, prompt="hello", max_output_tokens=10)
+    with pytest.warns(RuntimeWarning, match="cannot read the usage"):
+        passed.settle_sync({"prompt_tokens": -1, "completion_tokens": 5})
+    assert tokens.consumed == passed.estimate

@@ -207,7 +207,7 @@ def _planned(
     try:
         return charges()
     except Exception as error:  # reported with the others: the ticket is still closed
-        failures.append(("the price of its usage", error))
+        failures.append(("the charges of its usage", error))
         return []
 
 
@@ -308,7 +308,7 @@ class Pass:
         """``usage_of(usage)``; None (and a warning) when it is no usage costbound can read."""
         try:
             return usage_of(usage)
-        except TypeError as error:
+        except (TypeError, ValueError) as error:  # not a usage, or impossible counts
             warnings.warn(
                 f"costbound cannot read the usage of this {self.model or 'model'} response "
                 f"({error}); it is charged at its estimate",
