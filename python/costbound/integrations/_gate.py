@@ -35,7 +35,7 @@ from costbound._protocols import BudgetGuard, TokenBudget
 from costbound._reservation import TokenReservation
 from costbound._usage import BudgetExhausted, Usage, estimate_tokens, usage_of
 from costbound.integrations._attempts import Attempts, chain, connect_failure
-from costbound.integrations._leases import LOCK_FREE, Leased, leased, underlying
+from costbound.integrations._leases import LOCK_FREE, Leased, leased, lends_leases, underlying
 from costbound.prices import PriceTable, price_of
 
 __all__ = ["DEFAULT_MAX_OUTPUT_TOKENS", "Estimator", "Gate", "GateOptions", "Pass"]
@@ -93,6 +93,8 @@ class Gate:
         self.tokens = tokens
         self.dollars = dollars
         self.guards = dict(guards or {})
+        # The stored guards, taken as leases (worked out once: a gate's guards are fixed).
+        self._lending = frozenset(guard for guard in self.guards if lends_leases(guard))
         # Infinity is no timeout at all (admission's None): no clock arithmetic may overflow.
         self.wait: float | None = None if math.isinf(wait) else float(wait)
         self.max_output_tokens = max_output_tokens
@@ -130,7 +132,9 @@ class Gate:
         """Take every budget the request needs, or raise ``BudgetExhausted``."""
         parts, total = self._plan(model, prompt, max_output_tokens)
         try:
-            ticket = await admit(guards=leased(self.guards), tokens=parts, timeout=self.wait)
+            ticket = await admit(
+                guards=leased(self.guards, self._lending), tokens=parts, timeout=self.wait
+            )
         except (AdmissionTimeoutError, NeverFitsError) as denied:
             raise BudgetExhausted(underlying(denied.budget), denied.amount) from None
         return Pass(self, ticket.reservations, ticket, model, total)
@@ -140,7 +144,7 @@ class Gate:
     ) -> Pass:
         """Do what :meth:`enter` does, on a thread (with the budgets' blocking methods)."""
         parts, total = self._plan(model, prompt, max_output_tokens)
-        guards = leased(self.guards)
+        guards = leased(self.guards, self._lending)
         try:
             if self.wait == 0:  # nothing to wait for: fine on any thread, even a loop's
                 ticket = take_now_sync(guards, parts)

@@ -23,25 +23,30 @@ from costbound._admit import NeverFitsError
 from costbound._atomic import AtomicBudget, AtomicTokenBudget
 from costbound._protocols import BudgetGuard
 
-__all__ = ["LOCK_FREE", "Leased", "leased", "underlying"]
+__all__ = ["LOCK_FREE", "Leased", "leased", "lends_leases", "underlying"]
 
 #: costbound's own atomic budgets: their blocking methods never block, so the garbage
 #: collector may call them (:meth:`Pass.abandon`).
 LOCK_FREE = (AtomicBudget, AtomicTokenBudget)
 
 
-def _leases(guard: object) -> bool:
-    """Whether ``guard`` lends its units as leases (``reserve`` and ``reserve_blocking``)."""
-    if type(guard) in LOCK_FREE:
+def lends_leases(guard: object) -> bool:
+    """Whether ``guard`` lends its units as leases (``reserve`` and ``reserve_blocking``).
+
+    costbound's atomic budgets (and subclasses of them) count, and are taken as counters.
+    """
+    if isinstance(guard, LOCK_FREE):
         return False
     return callable(getattr(guard, "reserve", None)) and callable(
         getattr(guard, "reserve_blocking", None)
     )
 
 
-def leased(guards: Mapping[BudgetGuard, int]) -> dict[Any, int]:
-    """Give one admission's guards, each one that lends leases wrapped in a new :class:`Leased`."""
-    return {(Leased(guard) if _leases(guard) else guard): cost for guard, cost in guards.items()}
+def leased(guards: Mapping[BudgetGuard, int], lending: frozenset[object]) -> Mapping[Any, int]:
+    """Give one admission's guards, each of ``lending`` wrapped in a new :class:`Leased`."""
+    if not lending:
+        return guards
+    return {(Leased(guard) if guard in lending else guard): cost for guard, cost in guards.items()}
 
 
 def underlying(part: object) -> object:
