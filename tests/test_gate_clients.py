@@ -360,3 +360,60 @@ async def test_a_copy_or_view_of_a_guarded_client_is_gated(kind, sdk, how):
     assert len(api.sent) == 1
     assert budget.consumed > 0
     assert slots.available == 1
+
+
+def _chain(error):
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.filterwarnings("ignore:Item.* using the `ReadOnly` qualifier:UserWarning")
+async def test_litellm_calling_a_guarded_client_is_gated(kind):
+    # LiteLLM sends chat completions with the client's own post(), past its resources: the same
+    # endpoint is gated there, once (the resources' own calls are not gated twice).
+    litellm = pytest.importorskip("litellm")
+    api = Api(openai)
+    request = {
+        "model": "openai/gpt-test",
+        "messages": MESSAGES,
+        "api_key": "k",
+        "max_retries": 0,
+        "max_tokens": 100,
+    }
+
+    async def complete(client):
+        request["client"] = client
+        if kind == "async":
+            return await litellm.acompletion(**request)
+        return await asyncio.to_thread(lambda: litellm.completion(**request))
+
+    tokens, slots = AtomicTokenBudget(100_000), AtomicBudget(1)
+    client = openai_gate.guard(api.client(kind), tokens=tokens, guards={slots: 1})
+    response = await complete(client)
+    assert response.choices[0].message.content == "ok"
+    assert len(api.sent) == 1
+    assert (tokens.consumed, tokens.available, slots.available) == (35, 100_000 - 35, 1)
+
+    exhausted = AtomicTokenBudget(100)
+    client = openai_gate.guard(api.client(kind), tokens=exhausted)
+    with pytest.raises(Exception, match="no room") as raised:  # LiteLLM wraps it in its own
+        await complete(client)
+    assert any(isinstance(link, BudgetExhausted) for link in _chain(raised.value))
+    assert len(api.sent) == 1  # not sent
+    assert exhausted.available == 100
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_resource_call_is_gated_once(kind):
+    # create() sends through the client's post(), which is gated too: one estimate, one charge.
+    tokens = AtomicTokenBudget(100_000)
+    api = CountingApi(openai, tokens)
+    client = openai_gate.guard(api.client(kind), tokens=tokens)
+    chat = {"model": "gpt-test", "messages": MESSAGES, "max_completion_tokens": 100}
+    await run(kind, lambda: client.chat.completions.create(**chat))
+    assert api.held == [129 + 100]
+    assert (tokens.consumed, tokens.available) == (35, 100_000 - 35)

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -53,17 +54,38 @@ class Sdk:
     observed: bool = False  # whether the client's HTTP attempts are observed (``_attempts``)
 
 
+#: Whether this thread or task is inside a gated call: a gated method that the SDK calls from
+#: another (``create`` calls the client's ``post``, itself gated for frameworks that call it
+#: directly) is not gated twice.
+_INSIDE: ContextVar[bool] = ContextVar("costbound_inside_a_gated_call", default=False)
+
+
+def _model_argument(kwargs: dict[str, Any]) -> str | None:
+    model: str | None = kwargs.get("model")
+    return model
+
+
 def gated_sync(
-    gate: Gate, sdk: Sdk, call: Callable[..., Any], request: Request
+    gate: Gate,
+    sdk: Sdk,
+    call: Callable[..., Any],
+    request: Request,
+    model_of: Callable[[dict[str, Any]], str | None] = _model_argument,
 ) -> Callable[..., Any]:
-    """``call`` gated: the budgets first, then the call, then the settlement."""
+    """``call`` gated: the budgets first, then the call, then the settlement.
+
+    ``request(kwargs)`` reads the prompt and the output bound, ``model_of(kwargs)`` the model.
+    """
 
     @functools.wraps(call)
     def gated(*args: Any, **given: Any) -> Any:  # noqa: ANN401 - the SDK's own types
+        if _INSIDE.get():
+            return call(*args, **given)
         kwargs = without_unset(given, sdk.unset)
         prompt, bound = request(kwargs)
-        passed = gate.enter_sync(model=kwargs.get("model"), prompt=prompt, max_output_tokens=bound)
-        with attempts_of(sdk) as attempts:
+        model = model_of(kwargs)
+        passed = gate.enter_sync(model=model, prompt=prompt, max_output_tokens=bound)
+        with _calling(sdk) as attempts:
             try:
                 response = call(*args, **kwargs)
             except BaseException as error:
@@ -78,16 +100,23 @@ def gated_sync(
 
 
 def gated_async(
-    gate: Gate, sdk: Sdk, call: Callable[..., Any], request: Request
+    gate: Gate,
+    sdk: Sdk,
+    call: Callable[..., Any],
+    request: Request,
+    model_of: Callable[[dict[str, Any]], str | None] = _model_argument,
 ) -> Callable[..., Any]:
     """Gate an async ``call`` as :func:`gated_sync` gates a blocking one."""
 
     @functools.wraps(call)
     async def gated(*args: Any, **given: Any) -> Any:  # noqa: ANN401 - the SDK's own types
+        if _INSIDE.get():
+            return await call(*args, **given)
         kwargs = without_unset(given, sdk.unset)
         prompt, bound = request(kwargs)
-        passed = await gate.enter(model=kwargs.get("model"), prompt=prompt, max_output_tokens=bound)
-        with attempts_of(sdk) as attempts:
+        model = model_of(kwargs)
+        passed = await gate.enter(model=model, prompt=prompt, max_output_tokens=bound)
+        with _calling(sdk) as attempts:
             try:
                 response = await call(*args, **kwargs)
             except BaseException as error:
@@ -99,6 +128,17 @@ def gated_async(
         return response
 
     return gated
+
+
+@contextlib.contextmanager
+def _calling(sdk: Sdk) -> Iterator[Attempts | None]:
+    """Mark the block as inside a gated call, and record its attempts (when observed)."""
+    token = _INSIDE.set(True)
+    try:
+        with attempts_of(sdk) as attempts:
+            yield attempts
+    finally:
+        _INSIDE.reset(token)
 
 
 def attempts_of(sdk: Sdk) -> contextlib.AbstractContextManager[Attempts | None]:

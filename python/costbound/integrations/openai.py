@@ -11,6 +11,8 @@ usage (``stream_options={"include_usage": True}``).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import openai
@@ -70,8 +72,50 @@ def _install(client: _C, gate: Gate) -> _C:
         for name in ("create", "parse"):
             if hasattr(resource, name):  # an older SDK may lack parse
                 setattr(resource, name, wrap(gate, sdk, getattr(resource, name), request))
+    _gate_posts(client, gate, sdk, wrap)
     guard_copies(client, lambda copy: _install(copy, gate))
     return client
+
+
+def _gate_posts(client: Any, gate: Gate, sdk: Sdk, wrap: Callable[..., Any]) -> None:  # noqa: ANN401
+    """Gate ``client.post`` to the gated endpoints.
+
+    Some frameworks send these requests with the client's own ``post``, past its resources
+    (LiteLLM does). A resource's own call does not gate twice (``_streams``: one gate a call).
+    """
+    post = client.post
+    gated = {
+        path: wrap(gate, sdk, post, _body_request(read), _body_model)
+        for path, read in _ROUTES.items()
+    }
+
+    @functools.wraps(post)
+    def routed(path: str, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - the SDK's types
+        target = gated.get(path)
+        return post(path, *args, **kwargs) if target is None else target(path, *args, **kwargs)
+
+    client.post = routed
+
+
+def _body_request(
+    read: Callable[[dict[str, Any]], tuple[object, int | None]],
+) -> Callable[[dict[str, Any]], tuple[object, int | None]]:
+    """Read a request from ``post``'s ``body`` (a copy: what the gate adds goes in it)."""
+
+    def request(kwargs: dict[str, Any]) -> tuple[object, int | None]:
+        body = kwargs.get("body")
+        if not isinstance(body, Mapping):
+            return "", None
+        kwargs["body"] = copied = dict(body)
+        return read(copied)
+
+    return request
+
+
+def _body_model(kwargs: dict[str, Any]) -> str | None:
+    body = kwargs.get("body")
+    model = body.get("model") if isinstance(body, Mapping) else None
+    return model if isinstance(model, str) else None
 
 
 def _chat_request(kwargs: dict[str, Any]) -> tuple[object, int | None]:
@@ -94,6 +138,10 @@ def _responses_request(kwargs: dict[str, Any]) -> tuple[object, int | None]:
     else:
         prompt.extend(_listed(kwargs, "input"))
     return prompt, kwargs.get("max_output_tokens")
+
+
+#: The endpoints gated, by the path ``client.post`` is given, and how to read their bodies.
+_ROUTES = {"/chat/completions": _chat_request, "/responses": _responses_request}
 
 
 def _listed(kwargs: dict[str, Any], name: str) -> list[Any]:
