@@ -211,7 +211,7 @@ def _planned(
     try:
         return charges()
     except Exception as error:  # reported with the others: the ticket is still closed
-        failures.append(("the charges of its usage", error))
+        failures.append(("its usage", error))
         return []
 
 
@@ -359,7 +359,7 @@ class Pass:
         failures: list[tuple[object, Exception]] = []
         for budget, reservation, prompt, completion in _planned(charges, failures):
             await _kept(failures, budget, budget.record_usage, reservation, prompt, completion)
-        await _kept(failures, self._ticket, self._ticket.close)
+        await _kept(failures, "its guards", self._ticket.close)
         self._report(failures)
 
     def settle_sync(self, usage: object) -> None:
@@ -390,14 +390,15 @@ class Pass:
             _kept_sync(
                 failures, budget, _record_usage_sync, budget, reservation, prompt, completion
             )
-        _kept_sync(failures, self._ticket, self._ticket.close_sync)
+        _kept_sync(failures, "its guards", self._ticket.close_sync)
         self._report(failures)
 
     def _report(self, failures: list[tuple[object, Exception]]) -> None:
         """Warn of each budget the settlement failed on (``RuntimeWarning``); raise nothing."""
         for budget, error in failures:
+            where = budget if isinstance(budget, str) else repr(budget)
             warnings.warn(
-                f"costbound could not settle a {self.model or 'model'} call on {budget!r} "
+                f"costbound could not settle a {self.model or 'model'} call on {where} "
                 f"({type(error).__name__}: {error}); the caller gets the response all the same. "
                 "A Redis budget re-sends a failed settlement with its next call or flush()",
                 RuntimeWarning,
