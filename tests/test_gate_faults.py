@@ -609,9 +609,23 @@ async def test_a_failed_settlement_keeps_the_langchain_answer():
         config = {"callbacks": [BudgetCallbackHandler(**gate)]}
         if run == "sync callback":
             return model().invoke("hello", config=config).content
+        if run == "sync stream":
+            return "".join(chunk.content for chunk in model().stream("hello", config=config))
+        if run == "async stream":
+            return "".join(
+                [chunk.content async for chunk in model().astream("hello", config=config)]
+            )
         return (await model().ainvoke("hello", config=config)).content
 
-    for run in ("sync agent", "async agent", "sync callback", "async callback"):
+    runs = (
+        "sync agent",
+        "async agent",
+        "sync callback",
+        "async callback",
+        "sync stream",
+        "async stream",
+    )
+    for run in runs:
         tokens, slots = FailingRecords(), AtomicBudget(1)
         with pytest.warns(RuntimeWarning, match=SETTLE_FAILED):
             answer = await ask(run, {"tokens": tokens, "guards": {slots: 1}})
@@ -632,13 +646,25 @@ async def test_a_failed_settlement_keeps_the_pydantic_ai_answer():
             parts=[TextPart("ok")], usage=RequestUsage(input_tokens=3, output_tokens=1)
         )
 
+    async def stream(messages, info):
+        yield "ok"
+
     tokens, slots = FailingRecords(), AtomicBudget(1)
     capability = BudgetCapability(tokens=tokens, guards={slots: 1})
-    bot = pydantic_ai.Agent(FunctionModel(answer), capabilities=[capability])
+    model = FunctionModel(answer, stream_function=stream)
+    bot = pydantic_ai.Agent(model, capabilities=[capability])
     with pytest.warns(RuntimeWarning, match=SETTLE_FAILED):
         result = await bot.run("hello")
     assert result.output == "ok"
     assert (slots.available, tokens.inner.available, tokens.failed) == (1, 100_000, 1)
+
+    async def streamed():
+        async with bot.run_stream("hello") as run:
+            return await run.get_output()
+
+    with pytest.warns(RuntimeWarning, match=SETTLE_FAILED):
+        assert await streamed() == "ok"
+    assert (slots.available, tokens.inner.available, tokens.failed) == (1, 100_000, 2)
 
 
 @pytest.mark.asyncio
