@@ -140,3 +140,65 @@ async def test_a_blocking_client_called_on_an_event_loop_takes_its_redis_lease(r
         assert (snapshot.available, snapshot.outstanding) == (1, 0)
     finally:
         await backend.aclose()
+
+
+class Slow(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """A chat stream whose chunks come 0.1 s apart, for 1.7 s."""
+
+    def __init__(self) -> None:
+        chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-test"}
+        delta = {
+            **chunk,
+            "choices": [{"index": 0, "delta": {"content": "."}, "finish_reason": None}],
+        }
+        usage = {"prompt_tokens": 3, "completion_tokens": 10, "total_tokens": 13}
+        events = [delta] * 15 + [{**chunk, "choices": [], "usage": usage}]
+        self.parts = [f"data: {json.dumps(e)}\n\n".encode() for e in events] + [b"data: [DONE]\n\n"]
+
+    def __iter__(self):
+        for part in self.parts:
+            time.sleep(0.1)
+            yield part
+
+    async def __aiter__(self):
+        for part in self.parts:
+            await asyncio.sleep(0.1)
+            yield part
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_a_stream_longer_than_its_leases_keeps_them(kind, redis_url):
+    # Leases of 1 s, a stream of 1.7 s: the gated stream renews its guard's permit and its token
+    # reservation as it reads, so no lease ends (and no slot is handed out twice) while it runs.
+    backend = RedisBackend(redis_url)
+    try:
+        slots, tokens = backend.unit(1, lease=1.0), backend.tokens(100_000, lease=1.0)
+
+        def answer(request):
+            headers = {"content-type": "text/event-stream"}
+            return httpx.Response(200, stream=Slow(), headers=headers)
+
+        transport = httpx.MockTransport(answer)
+        if kind == "async":
+            sdk = openai.AsyncOpenAI(
+                api_key="k", max_retries=0, http_client=httpx.AsyncClient(transport=transport)
+            )
+        else:
+            sdk = openai.OpenAI(
+                api_key="k", max_retries=0, http_client=httpx.Client(transport=transport)
+            )
+        client = guard(sdk, tokens=tokens, guards={slots: 1})
+        stream = await _open(kind, client)
+        if kind == "async":
+            chunks = [chunk async for chunk in stream]
+        else:
+            chunks = await asyncio.to_thread(lambda: list(stream))
+        assert len(chunks) == 16
+        await tokens.flush()
+        slot_state, token_state = await slots.snapshot(), await tokens.snapshot()
+        assert (slot_state.available, slot_state.reclaimed) == (1, 0)  # never expired
+        assert (token_state.consumed, token_state.reclaimed) == (13, 0)
+        assert token_state.available == 100_000 - 13
+    finally:
+        await backend.aclose()

@@ -35,7 +35,14 @@ from costbound._protocols import BudgetGuard, TokenBudget
 from costbound._reservation import TokenReservation
 from costbound._usage import BudgetExhausted, Usage, estimate_tokens, usage_of
 from costbound.integrations._attempts import Attempts, chain, connect_failure
-from costbound.integrations._leases import LOCK_FREE, Leased, leased, lends_leases, underlying
+from costbound.integrations._leases import (
+    LOCK_FREE,
+    Leased,
+    Renewal,
+    leased,
+    lends_leases,
+    underlying,
+)
 from costbound.prices import PriceTable, price_of
 
 __all__ = ["DEFAULT_MAX_OUTPUT_TOKENS", "Estimator", "Gate", "GateOptions", "Pass"]
@@ -264,7 +271,7 @@ def _record_usage_sync(
 class Pass:
     """One admitted request. Settle it once: ``settle``, ``refund`` or ``settle_at_estimate``."""
 
-    __slots__ = ("_gate", "_reservations", "_settled", "_ticket", "estimate", "model")
+    __slots__ = ("_gate", "_renewal", "_reservations", "_settled", "_ticket", "estimate", "model")
 
     def __init__(
         self,
@@ -280,6 +287,19 @@ class Pass:
         self.model = model
         self.estimate = estimate
         self._settled = False
+        self._renewal = Renewal.of(ticket.guards, reservations)
+
+    def keep_alive_sync(self) -> None:
+        """Renew the call's stored leases when half the shortest has passed (streams call it)."""
+        renewal = self._renewal
+        if renewal is not None and not self._settled and renewal.due():
+            renewal.renew_sync()
+
+    async def keep_alive(self) -> None:
+        """Do what :meth:`keep_alive_sync` does, with the budgets' async methods."""
+        renewal = self._renewal
+        if renewal is not None and not self._settled and renewal.due():
+            await renewal.renew()
 
     @property
     def settled(self) -> bool:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,7 +25,7 @@ from costbound._admit import NeverFitsError
 from costbound._atomic import AtomicBudget, AtomicTokenBudget
 from costbound._protocols import BudgetGuard
 
-__all__ = ["LOCK_FREE", "Leased", "leased", "lends_leases", "underlying"]
+__all__ = ["LOCK_FREE", "Leased", "Renewal", "leased", "lends_leases", "underlying"]
 
 #: costbound's own atomic budgets: their blocking methods never block, so the garbage
 #: collector may call them (:meth:`Pass.abandon`).
@@ -124,3 +126,54 @@ def _reserve_now_sync(guard: Any, cost: int) -> Any:  # noqa: ANN401 - a stored 
         return guard.reserve_blocking(cost, timeout=0)
     with concurrent.futures.ThreadPoolExecutor(1) as worker:
         return worker.submit(guard.reserve_blocking, cost, timeout=0).result()
+
+
+class Renewal:
+    """Keeps the leases of a long call alive: its stored guards' permits and token reservations.
+
+    A lease ends ``lease`` seconds after its grant; a stream read for longer would lose its
+    concurrency slot while it still runs (and its token hold). A gated stream calls
+    :meth:`due` with every item it reads, and renews (``extend``) every lease at half the
+    shortest lease. A renewal that fails is not the caller's concern: the call goes on, and its
+    lease may end.
+    """
+
+    __slots__ = ("_due", "_every", "_held")
+
+    def __init__(self, held: list[tuple[Any, Any, float]]) -> None:
+        self._held = held  # (budget, permit or reservation, lease seconds)
+        self._every = min(lease for _, _, lease in held) / 2
+        self._due = time.monotonic() + self._every
+
+    @classmethod
+    def of(cls, guards: Mapping[Any, int], reservations: Mapping[Any, Any]) -> Renewal | None:
+        """Give the renewal of an admission's stored leases; None when it holds none."""
+        held: list[tuple[Any, Any, float]] = [
+            (part.guard, part.permit, part.guard.lease)
+            for part in guards
+            if isinstance(part, Leased) and part.permit is not None
+        ]
+        for budget, reservation in reservations.items():
+            lease = getattr(budget, "lease", None)
+            extends = callable(getattr(budget, "extend_sync", None))
+            if not isinstance(budget, LOCK_FREE) and extends and isinstance(lease, (int, float)):
+                held.append((budget, reservation, float(lease)))
+        return cls(held) if held else None
+
+    def due(self) -> bool:
+        """Whether the leases should be renewed now."""
+        return time.monotonic() >= self._due
+
+    def renew_sync(self) -> None:
+        """Extend every lease by its full length, with the blocking clients."""
+        self._due = time.monotonic() + self._every
+        for budget, held, lease in self._held:
+            with contextlib.suppress(Exception):  # settled meanwhile, or the server is away
+                budget.extend_sync(held, lease)
+
+    async def renew(self) -> None:
+        """Do what :meth:`renew_sync` does, with the async clients."""
+        self._due = time.monotonic() + self._every
+        for budget, held, lease in self._held:
+            with contextlib.suppress(Exception):
+                await budget.extend(held, lease)

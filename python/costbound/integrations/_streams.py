@@ -247,6 +247,7 @@ class SyncStream(_Watched):
                         self._passed.fail_sync(error, self._attempts)
                     raise
                 self._watcher.see(item)
+                self._passed.keep_alive_sync()
                 yield item
         finally:
             settle_sync(self._passed, self._watcher.usage)
@@ -290,6 +291,7 @@ class AsyncStream(_Watched):
                         await self._passed.fail(error, self._attempts)
                     raise
                 self._watcher.see(item)
+                await self._passed.keep_alive()
                 yield item
         finally:
             await settle(self._passed, self._watcher.usage)
