@@ -248,9 +248,10 @@ def test_which_failures_count_as_billed():
 
 def test_a_pass_dropped_unsettled_is_charged_at_the_estimate(sync_backend):
     # A stream never read, say: its request went out and was billed. Dropping its pass charges
-    # the estimate on the atomic budgets and frees their guard units: a concurrency slot must
-    # not leak. The collector must not wait on a network or a lock, so a Redis budget is left
-    # to its dropped reservation, which is refunded.
+    # the estimate on every backend alike (issue 12 point 14: a Redis reservation was refunded)
+    # and frees the atomic guards' units: a concurrency slot must not leak. The collector must
+    # not wait on a network or a lock: a Redis reservation is charged by ending its lease with
+    # nothing refunded, sent with the budget's next call.
     import gc
 
     from costbound import AtomicBudget
@@ -265,13 +266,55 @@ def test_a_pass_dropped_unsettled_is_charged_at_the_estimate(sync_backend):
     gc.collect()
     assert slots.available == 1
     sync_backend.settle_sync(tokens)
-    state = sync_backend.state_sync(tokens)
-    charged = estimate if sync_backend.name == "atomic" else 0
-    assert (state.available, state.consumed) == (10_000 - charged, charged)
+    assert sync_backend.state_sync(tokens).available == 10_000 - estimate
+    if sync_backend.name == "atomic":
+        assert sync_backend.state_sync(tokens).consumed == estimate
     again = gate.enter_sync(model=None, prompt="hello", max_output_tokens=10)
     again.refund_sync()
     del again  # settled already: dropping it charges nothing more
     gc.collect()
     sync_backend.settle_sync(tokens)
-    assert sync_backend.state_sync(tokens).consumed == charged
+    assert sync_backend.state_sync(tokens).available == 10_000 - estimate
     assert slots.available == 1
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_wait_inf_means_no_timeout(kind):
+    # Issue 12 point 11: wait=inf passed validation, then raised OverflowError when the request
+    # had to wait. It waits, without a timeout, until room is made.
+    from costbound import AtomicTokenBudget
+
+    tokens = AtomicTokenBudget(300)
+    gate = Gate(tokens=tokens, wait=float("inf"))
+    first = gate.enter_sync(model=None, prompt="x" * 400, max_output_tokens=100)  # 225
+    entered = threading.Event()
+
+    def second() -> None:
+        if kind == "sync":
+            passed = gate.enter_sync(model=None, prompt="x" * 400, max_output_tokens=100)
+        else:
+            passed = asyncio.run(gate.enter(model=None, prompt="x" * 400, max_output_tokens=100))
+        entered.set()
+        passed.refund_sync()
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    assert not entered.wait(0.1)  # it waits
+    first.refund_sync()
+    thread.join(20.0)
+    assert entered.is_set()
+    assert tokens.available == 300
+    with pytest.raises(ValueError, match="wait"):
+        Gate(tokens=tokens, wait=float("nan"))
+
+
+def test_a_usage_with_impossible_counts_is_charged_at_the_estimate_with_a_warning():
+    # A provider (or a proxy) reporting a negative count: the usage cannot be read, the call
+    # was billed all the same, and the caller must keep the answer (no ValueError out of it).
+    from costbound import AtomicTokenBudget
+
+    tokens = AtomicTokenBudget(10_000)
+    passed = Gate(tokens=tokens).enter_sync(model=None, prompt="hello", max_output_tokens=10)
+    with pytest.warns(RuntimeWarning, match="cannot read the usage"):
+        passed.settle_sync({"prompt_tokens": -1, "completion_tokens": 5})
+    assert tokens.consumed == passed.estimate

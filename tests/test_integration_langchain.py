@@ -215,3 +215,48 @@ async def test_a_lost_connection_is_charged_at_the_estimate():
         Disconnected(messages=iter([])).invoke("hello", config={"callbacks": [handler]})
     assert (tokens.consumed, dollars.consumed) == (2 * estimate, 2 * (7 * 2 + 100 * 8))
     assert slots.available == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("gate", ["callback", "middleware"])
+@pytest.mark.parametrize("where", ["model cache", "global cache"])
+async def test_a_cache_hit_is_refunded(kind, gate, where):
+    # LangChain answers a repeated prompt from its cache without calling the provider: nothing
+    # was billed, so the second call is refunded, though the cached message repeats the usage.
+    from langchain_core.caches import InMemoryCache
+    from langchain_core.globals import get_llm_cache, set_llm_cache
+
+    tokens, slots = AtomicTokenBudget(10_000), AtomicBudget(1)
+    cache = InMemoryCache()
+    model = answers(1)
+    if where == "model cache":
+        model.cache = cache
+    previous = get_llm_cache()
+    if where == "global cache":
+        set_llm_cache(cache)
+    try:
+        if gate == "middleware":
+            agent = create_agent(
+                model, middleware=[BudgetMiddleware(tokens=tokens, guards={slots: 1})]
+            )
+            question = {"messages": [{"role": "user", "content": "hello"}]}
+
+            async def ask() -> str:
+                if kind == "async":
+                    return (await agent.ainvoke(question))["messages"][-1].content
+                return (await asyncio.to_thread(agent.invoke, question))["messages"][-1].content
+        else:
+            config = {"callbacks": [BudgetCallbackHandler(tokens=tokens, guards={slots: 1})]}
+
+            async def ask() -> str:
+                if kind == "async":
+                    return (await model.ainvoke("hello", config=config)).content
+                return (await asyncio.to_thread(model.invoke, "hello", config=config)).content
+
+        assert await ask() == "ok"
+        assert tokens.consumed == 350  # the provider's call
+        assert await ask() == "ok"  # the same prompt: from the cache (the model has no answer left)
+        assert (tokens.consumed, tokens.available, slots.available) == (350, 10_000 - 350, 1)
+    finally:
+        set_llm_cache(previous)

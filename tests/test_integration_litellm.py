@@ -179,14 +179,15 @@ def openai_client(api):
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("answer", ["lost", 429, 500, 200, "denied"])
+@pytest.mark.parametrize("answer", ["lost", "refused", 429, 500, 200, "denied"])
 async def test_through_the_openai_sdk_a_lost_connection_is_charged_at_the_estimate(
     logger_of, answer
 ):
     # LiteLLM turns the SDK's lost connection into an InternalServerError with a made-up status
     # of 500, caused by the SDK's APIConnectionError: the gate knows it for an unanswered
     # request, which may have been billed, so the estimate is charged. A real 429 or 500 answer
-    # refunds; a real 200 settles its usage; a denial sends nothing.
+    # refunds; a real 200 settles its usage; a denial sends nothing. A refused connection on the
+    # SDK's first and only attempt sent nothing: refunded (issue 12 point 15).
     tokens, slots = AtomicTokenBudget(10_000), AtomicBudget(1)
     logger = logger_of(tokens=tokens, guards={slots: 1}, max_output_tokens=100)
     sent = []
@@ -195,6 +196,8 @@ async def test_through_the_openai_sdk_a_lost_connection_is_charged_at_the_estima
         sent.append(request)
         if answer == "lost":
             raise httpx.ReadError("connection lost", request=request)
+        if answer == "refused":
+            raise httpx.ConnectError("connection refused", request=request)
         if answer in (429, 500):
             return httpx.Response(answer, json={"error": {"message": "no", "type": "server"}})
         usage = {"prompt_tokens": 30, "completion_tokens": 5, "total_tokens": 35}
@@ -210,7 +213,7 @@ async def test_through_the_openai_sdk_a_lost_connection_is_charged_at_the_estima
     call = litellm.acompletion(
         model="openai/gpt-4o-mini", messages=MESSAGES, client=client, api_key="k", max_retries=0
     )
-    if answer == "lost":
+    if answer in ("lost", "refused"):
         with pytest.raises(litellm.InternalServerError) as raised:
             await call
         assert raised.value.status_code == 500
@@ -229,7 +232,7 @@ async def test_through_the_openai_sdk_a_lost_connection_is_charged_at_the_estima
         await call
     await settled(logger, f"the call answered {answer}")
     assert len(sent) == (0 if answer == "denied" else 1)
-    expected = {"lost": 3 + 4 + 100, 429: 0, 500: 0, 200: 35, "denied": 0}[answer]
+    expected = {"lost": 3 + 4 + 100, "refused": 0, 429: 0, 500: 0, 200: 35, "denied": 0}[answer]
     assert (tokens.consumed, tokens.available, slots.available) == (
         expected,
         10_000 - expected,

@@ -303,6 +303,25 @@ def test_prices_refuse_bad_figures():
         PriceTable({"m": (1, 2)})  # type: ignore[dict-item]
 
 
+@pytest.mark.parametrize(
+    "figure",
+    [math.inf, -math.inf, math.nan, Decimal("Infinity"), Decimal("-Infinity"), Decimal("NaN")],
+    ids=repr,
+)
+@pytest.mark.parametrize("field", ["input", "output", "cached_input", "cache_write"])
+def test_an_infinite_or_nan_price_is_a_value_error_naming_the_field(figure, field):
+    # Issue 12 point 11: these raised OverflowError, or a ValueError about Fraction literals.
+    figures = {"input": 1, "output": 1, field: figure}
+    with pytest.raises(ValueError, match=rf"Price\.{field} must be a finite number >= 0"):
+        Price(**figures)
+
+
+def test_a_huge_but_finite_decimal_price_is_exact():
+    # Decimal("1e400") is finite: no float conversion may overflow on the way.
+    price = Price(input=Decimal("1e400"), output=0)  # type: ignore[arg-type]
+    assert price.micro_dollars(Usage(prompt=1, completion=0)) == 10**400
+
+
 def test_price_of_from_genai_prices():
     usage = {"prompt_tokens": 1_000, "completion_tokens": 100}
     usage["prompt_tokens_details"] = {"cached_tokens": 200}  # type: ignore[assignment]

@@ -22,10 +22,15 @@ __all__ = ["Price", "PriceTable", "price_of"]
 def _rate(value: object, name: str) -> Fraction:
     if isinstance(value, bool) or not isinstance(value, (int, float, Decimal, Fraction)):
         raise TypeError(f"Price.{name} must be a number of USD, not {type(value).__name__}")
-    exact = Fraction(str(value)) if isinstance(value, float) else Fraction(value)
-    if not math.isfinite(float(exact)) or exact < 0:
+    # Checked before any conversion: Fraction raises OverflowError on an infinite Decimal, and a
+    # float's or Decimal's infinity or NaN has no exact value to convert.
+    if isinstance(value, Decimal):
+        finite = value.is_finite()
+    else:
+        finite = not isinstance(value, float) or math.isfinite(value)
+    if not finite or value < 0:
         raise ValueError(f"Price.{name} must be a finite number >= 0, got {value!r}")
-    return exact
+    return Fraction(str(value)) if isinstance(value, float) else Fraction(value)
 
 
 @dataclass(frozen=True)

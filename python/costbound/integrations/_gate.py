@@ -10,15 +10,17 @@ budget that denied, and the request must not be sent. The pass is then settled e
   or abandoned, a connection lost after sending): it was billed, so the estimate is charged.
 
 Each of them releases the guards. The ``_sync`` twins do the same with the budgets' blocking
-methods. A pass dropped unsettled is charged at the estimate on the budgets that allow it
-(:meth:`Pass.abandon`).
+methods. A pass dropped unsettled is charged at the estimate on every budget
+(:meth:`Pass.abandon`). Stored guards (Redis, SQLite) are taken as leases, so that a call that
+never gives its guard back (abandoned, crashed) loses it only until its lease ends.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypedDict
 
 from costbound._admit import (
@@ -28,10 +30,19 @@ from costbound._admit import (
     admit_blocking,
     take_now_sync,
 )
-from costbound._atomic import AtomicBudget, AtomicTokenBudget
+from costbound._admit import _run as run_to_completion
 from costbound._protocols import BudgetGuard, TokenBudget
 from costbound._reservation import TokenReservation
 from costbound._usage import BudgetExhausted, Usage, estimate_tokens, usage_of
+from costbound.integrations._attempts import Attempts, chain, connect_failure
+from costbound.integrations._leases import (
+    LOCK_FREE,
+    Leased,
+    Renewal,
+    leased,
+    lends_leases,
+    underlying,
+)
 from costbound.prices import PriceTable, price_of
 
 __all__ = ["DEFAULT_MAX_OUTPUT_TOKENS", "Estimator", "Gate", "GateOptions", "Pass"]
@@ -61,8 +72,8 @@ class Gate:
     ``tokens`` is a ``TokenBudget`` of tokens, ``dollars`` one of micro-dollars (the request's
     model is priced from ``prices``, or genai-prices when left out), ``guards`` maps each
     ``BudgetGuard`` to its cost (a concurrency slot, a requests-per-minute budget). ``wait`` is
-    how long a request may wait for room (0: not at all). ``max_output_tokens`` bounds a request
-    that sets no bound of its own.
+    how long a request may wait for room (0: not at all; ``inf``: with no timeout).
+    ``max_output_tokens`` bounds a request that sets no bound of its own.
     """
 
     def __init__(
@@ -89,7 +100,10 @@ class Gate:
         self.tokens = tokens
         self.dollars = dollars
         self.guards = dict(guards or {})
-        self.wait = float(wait)
+        # The stored guards, taken as leases (worked out once: a gate's guards are fixed).
+        self._lending = frozenset(guard for guard in self.guards if lends_leases(guard))
+        # Infinity is no timeout at all (admission's None): no clock arithmetic may overflow.
+        self.wait: float | None = None if math.isinf(wait) else float(wait)
         self.max_output_tokens = max_output_tokens
         self.estimator = estimator
         self.prices = prices
@@ -125,9 +139,11 @@ class Gate:
         """Take every budget the request needs, or raise ``BudgetExhausted``."""
         parts, total = self._plan(model, prompt, max_output_tokens)
         try:
-            ticket = await admit(guards=self.guards, tokens=parts, timeout=self.wait)
+            ticket = await admit(
+                guards=leased(self.guards, self._lending), tokens=parts, timeout=self.wait
+            )
         except (AdmissionTimeoutError, NeverFitsError) as denied:
-            raise BudgetExhausted(denied.budget, denied.amount) from None
+            raise BudgetExhausted(underlying(denied.budget), denied.amount) from None
         return Pass(self, ticket.reservations, ticket, model, total)
 
     def enter_sync(
@@ -135,13 +151,14 @@ class Gate:
     ) -> Pass:
         """Do what :meth:`enter` does, on a thread (with the budgets' blocking methods)."""
         parts, total = self._plan(model, prompt, max_output_tokens)
+        guards = leased(self.guards, self._lending)
         try:
             if self.wait == 0:  # nothing to wait for: fine on any thread, even a loop's
-                ticket = take_now_sync(self.guards, parts)
+                ticket = take_now_sync(guards, parts)
             else:
-                ticket = admit_blocking(guards=self.guards, tokens=parts, timeout=self.wait)
+                ticket = admit_blocking(guards=guards, tokens=parts, timeout=self.wait)
         except (AdmissionTimeoutError, NeverFitsError) as denied:
-            raise BudgetExhausted(denied.budget, denied.amount) from None
+            raise BudgetExhausted(underlying(denied.budget), denied.amount) from None
         return Pass(self, ticket.reservations, ticket, model, total)
 
 
@@ -152,35 +169,109 @@ _UNANSWERED = frozenset({"APIConnectionError", "APITimeoutError"})
 
 
 def billed(error: BaseException) -> bool:
-    """Whether a request that failed with ``error`` was billed.
+    """Whether a request that failed with ``error`` was billed, judged from the error alone.
 
     Not when the provider answered with an error status (400 and above: the SDKs' errors carry
-    it as ``status_code``, or on their ``response``); anything else (a lost connection, a
-    timeout, a cancellation) may have gone out, and counts as billed. An error caused by an
-    SDK's connection or timeout error counts as billed whatever status it claims.
+    it as ``status_code``, or on their ``response``, as ``status`` for aiohttp's); anything else
+    (a lost connection, a timeout, a cancellation) may have gone out, and counts as billed. An
+    error caused by an SDK's connection or timeout error counts as billed whatever status it
+    claims, unless that SDK error says it ended the first and only attempt, which failed while
+    connecting (nothing was sent).
     """
-    link: BaseException | None = error
-    for _ in range(16):  # the chain of causes, cut short in case it loops
-        if link is None:
-            break
+    for link in chain(error):
         if any(cls.__name__ in _UNANSWERED for cls in type(link).__mro__):
-            return True
-        link = link.__cause__ or link.__context__
+            return not _only_attempt_unsent(link)
     status = getattr(error, "status_code", None)
+    response = getattr(error, "response", None)
     if status is None:
-        status = getattr(getattr(error, "response", None), "status_code", None)
+        status = getattr(response, "status_code", None)
+    if status is None:
+        status = getattr(response, "status", None)
     return not (isinstance(status, int) and status >= 400)
 
 
-#: costbound's own atomic budgets: their blocking methods never block, so the garbage
-#: collector may call them (:meth:`Pass.abandon`).
-_LOCK_FREE = (AtomicBudget, AtomicTokenBudget)
+def _only_attempt_unsent(error: BaseException) -> bool:
+    """Whether an OpenAI or Anthropic connection error ended a single attempt that sent nothing.
+
+    Their requests say which attempt they were (``x-stainless-retry-count``); the earlier
+    attempts of a retried call are not known from the error, and may have reached the provider.
+    """
+    headers = getattr(getattr(error, "request", None), "headers", None)
+    first = headers is not None and headers.get("x-stainless-retry-count") == "0"
+    cause = error.__cause__
+    return first and cause is not None and connect_failure(cause)
+
+
+def _billed(error: BaseException, attempts: Attempts | None) -> bool:
+    verdict = None if attempts is None else attempts.billed(error)
+    return billed(error) if verdict is None else verdict
+
+
+#: (budget, reservation, prompt, completion): one ``record_usage`` of a settlement.
+_Charge = tuple[Any, TokenReservation, int, int]
+
+
+def _planned(
+    charges: Callable[[], list[_Charge]], failures: list[tuple[object, Exception]]
+) -> list[_Charge]:
+    """Work out the charges to record; none (the failure kept) if that raised."""
+    try:
+        return charges()
+    except Exception as error:  # reported with the others: the ticket is still closed
+        failures.append(("its usage", error))
+        return []
+
+
+async def _kept(
+    failures: list[tuple[object, Exception]],
+    budget: object,
+    step: Callable[..., Awaitable[object]],
+    *args: object,
+) -> None:
+    """Run one step of a settlement; keep its failure (reported later) rather than raise.
+
+    An async method may raise when it is called as well as when it is awaited.
+    """
+    try:
+        await step(*args)
+    except Exception as error:  # the caller keeps the provider's answer
+        failures.append((budget, error))
+
+
+def _kept_sync(
+    failures: list[tuple[object, Exception]],
+    budget: object,
+    step: Callable[..., object],
+    *args: object,
+) -> None:
+    """Do what :func:`_kept` does for a blocking step."""
+    try:
+        step(*args)
+    except Exception as error:
+        failures.append((budget, error))
+
+
+def _record_usage_sync(
+    budget: Any,  # noqa: ANN401 - any TokenBudget
+    reservation: TokenReservation,
+    prompt: int,
+    completion: int,
+) -> None:
+    """Call ``record_usage_sync``, or run ``record_usage`` on a private loop.
+
+    A user-written budget may have only the protocol's async methods (admission does the same).
+    """
+    method = getattr(budget, "record_usage_sync", None)
+    if callable(method):
+        method(reservation, prompt, completion)
+    else:
+        run_to_completion(budget.record_usage(reservation, prompt, completion))
 
 
 class Pass:
     """One admitted request. Settle it once: ``settle``, ``refund`` or ``settle_at_estimate``."""
 
-    __slots__ = ("_gate", "_reservations", "_settled", "_ticket", "estimate", "model")
+    __slots__ = ("_gate", "_renewal", "_reservations", "_settled", "_ticket", "estimate", "model")
 
     def __init__(
         self,
@@ -196,6 +287,19 @@ class Pass:
         self.model = model
         self.estimate = estimate
         self._settled = False
+        self._renewal = Renewal.of(ticket.guards, reservations)
+
+    def keep_alive_sync(self) -> None:
+        """Renew the call's stored leases when half the shortest has passed (streams call it)."""
+        renewal = self._renewal
+        if renewal is not None and not self._settled and renewal.due():
+            renewal.renew_sync()
+
+    async def keep_alive(self) -> None:
+        """Do what :meth:`keep_alive_sync` does, with the budgets' async methods."""
+        renewal = self._renewal
+        if renewal is not None and not self._settled and renewal.due():
+            await renewal.renew()
 
     @property
     def settled(self) -> bool:
@@ -208,7 +312,7 @@ class Pass:
         self._settled = True
         return True
 
-    def _charges(self, usage: Usage | None) -> list[tuple[Any, TokenReservation, int, int]]:
+    def _charges(self, usage: Usage | None) -> list[_Charge]:
         """(budget, reservation, prompt, completion) to record: usage, or the estimates."""
         gate, charges = self._gate, []
         if gate.tokens is not None:
@@ -228,7 +332,7 @@ class Pass:
         """``usage_of(usage)``; None (and a warning) when it is no usage costbound can read."""
         try:
             return usage_of(usage)
-        except TypeError as error:
+        except (TypeError, ValueError) as error:  # not a usage, or impossible counts
             warnings.warn(
                 f"costbound cannot read the usage of this {self.model or 'model'} response "
                 f"({error}); it is charged at its estimate",
@@ -241,82 +345,113 @@ class Pass:
         """Charge what the provider reported (``usage_of(usage)``), release the guards.
 
         A usage ``usage_of`` cannot read is charged at the estimate, with a ``RuntimeWarning``:
-        the call succeeded, and was billed.
+        the call succeeded, and was billed. Settling never raises an ``Exception``: the provider
+        answered, and the caller must get its answer. A budget that fails to record (a
+        ``BackendError``, a user-written budget's own error) is reported with a
+        ``RuntimeWarning``; every other budget is still settled and every guard released.
         """
         if self._claim():
-            await self._record(self._charges(self._read(usage)))
+            await self._record(lambda: self._charges(self._read(usage)))
 
     async def settle_at_estimate(self) -> None:
         """Charge the estimates (sent, but no usage arrived), release the guards."""
         if self._claim():
-            await self._record(self._charges(None))
+            await self._record(lambda: self._charges(None))
 
     async def refund(self) -> None:
         """Give everything back (the provider answered with an error), release the guards."""
         if self._claim():
-            await self._ticket.close()
+            await self._record(list)
 
-    async def fail(self, error: BaseException) -> None:
-        """Settle a request that raised ``error``: refunded if not billed, else at the estimate."""
-        if billed(error):
+    async def fail(self, error: BaseException, attempts: Attempts | None = None) -> None:
+        """Settle a request that raised ``error``: refunded if not billed, else at the estimate.
+
+        ``attempts`` (the SDK's HTTP attempts, when they were observed) tell whether any of them
+        may have reached the provider; without them the error alone decides (:func:`billed`).
+        """
+        if _billed(error, attempts):
             await self.settle_at_estimate()
         else:
             await self.refund()
 
-    async def _record(self, charges: list[tuple[Any, TokenReservation, int, int]]) -> None:
-        try:
-            for budget, reservation, prompt, completion in charges:
-                await budget.record_usage(reservation, prompt, completion)
-        finally:
-            await self._ticket.close()
+    async def _record(self, charges: Callable[[], list[_Charge]]) -> None:
+        """Record each charge, then close the ticket (refunds the rest, releases the guards)."""
+        failures: list[tuple[object, Exception]] = []
+        for budget, reservation, prompt, completion in _planned(charges, failures):
+            await _kept(failures, budget, budget.record_usage, reservation, prompt, completion)
+        await _kept(failures, "its guards", self._ticket.close)
+        self._report(failures)
 
     def settle_sync(self, usage: object) -> None:
         """Do what :meth:`settle` does, with the budgets' blocking methods."""
         if self._claim():
-            self._record_sync(self._charges(self._read(usage)))
+            self._record_sync(lambda: self._charges(self._read(usage)))
 
     def settle_at_estimate_sync(self) -> None:
         """Do what :meth:`settle_at_estimate` does, with the budgets' blocking methods."""
         if self._claim():
-            self._record_sync(self._charges(None))
+            self._record_sync(lambda: self._charges(None))
 
     def refund_sync(self) -> None:
         """Do what :meth:`refund` does, with the budgets' blocking methods."""
         if self._claim():
-            self._ticket.close_sync()
+            self._record_sync(list)
 
-    def fail_sync(self, error: BaseException) -> None:
+    def fail_sync(self, error: BaseException, attempts: Attempts | None = None) -> None:
         """Do what :meth:`fail` does, with the budgets' blocking methods."""
-        if billed(error):
+        if _billed(error, attempts):
             self.settle_at_estimate_sync()
         else:
             self.refund_sync()
 
-    def _record_sync(self, charges: list[tuple[Any, TokenReservation, int, int]]) -> None:
-        try:
-            for budget, reservation, prompt, completion in charges:
-                budget.record_usage_sync(reservation, prompt, completion)
-        finally:
-            self._ticket.close_sync()
+    def _record_sync(self, charges: Callable[[], list[_Charge]]) -> None:
+        failures: list[tuple[object, Exception]] = []
+        for budget, reservation, prompt, completion in _planned(charges, failures):
+            _kept_sync(
+                failures, budget, _record_usage_sync, budget, reservation, prompt, completion
+            )
+        _kept_sync(failures, "its guards", self._ticket.close_sync)
+        self._report(failures)
+
+    def _report(self, failures: list[tuple[object, Exception]]) -> None:
+        """Warn of each budget the settlement failed on (``RuntimeWarning``); raise nothing."""
+        for budget, error in failures:
+            where = budget if isinstance(budget, str) else repr(budget)
+            warnings.warn(
+                f"costbound could not settle a {self.model or 'model'} call on {where} "
+                f"({type(error).__name__}: {error}); the caller gets the response all the same. "
+                "A Redis budget re-sends a failed settlement with its next call or flush()",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def abandon(self) -> None:
         """Settle a pass no one else will, from the garbage collector: at the estimate.
 
-        Its request went out (a stream never read, say), and was billed. Only costbound's
-        atomic budgets are settled here, whose blocking methods never block: the estimate is
-        recorded on them and their guard units released. Another budget (a Redis one, a
-        user's with a lock) could wait here for a lock that the collected thread holds, so it
-        is left to what it does with a dropped reservation or permit: a reservation is
-        refunded, a Redis permit comes back when its lease ends.
+        Its request went out (a stream never read, say), and was billed, on every budget alike.
+        Nothing here may wait on a network or a lock (the collected thread may hold it):
+
+        - costbound's atomic budgets are lock-free: the estimate is recorded on them and their
+          guard units released;
+        - any other token budget's reservation is charged its estimate by being refunded
+          nothing (its refund called with 0): a Redis reservation's lease ends with nothing
+          given back, without blocking (sent with the budget's next call);
+        - a stored guard's permit is let go: its lease ends by itself (:class:`Leased`).
         """
         if not self._claim():
             return
         for budget, reservation, prompt, completion in self._charges(None):
-            if type(budget) in _LOCK_FREE:
-                with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):
+                if type(budget) in LOCK_FREE:
                     budget.record_usage_sync(reservation, prompt, completion)
+                else:
+                    refund = reservation.disarm()
+                    if refund is not None:
+                        refund(0)
         for guard, cost in self._ticket.guards.items():
-            if type(guard) in _LOCK_FREE:
+            if isinstance(guard, Leased):
+                guard.drop()
+            elif type(guard) in LOCK_FREE:
                 with contextlib.suppress(Exception):
                     guard.release_sync(cost)
 

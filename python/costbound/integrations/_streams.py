@@ -8,15 +8,28 @@ settled once when it ends, fails or is closed: at its usage if it came, else at 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from costbound.integrations._attempts import Attempts, recording
+from costbound.integrations._clients import without_unset
 from costbound.integrations._gate import Gate, Pass
 
-__all__ = ["AsyncStream", "Sdk", "SyncStream", "Watcher", "gated_async", "gated_sync", "settle"]
+__all__ = [
+    "AsyncStream",
+    "Sdk",
+    "SyncStream",
+    "Watcher",
+    "attempts_of",
+    "gated_async",
+    "gated_sync",
+    "settle",
+]
 
 #: Reads a request's keyword arguments: its prompt and its output bound (it may add options).
 Request = Callable[[dict[str, Any]], tuple[object, "int | None"]]
@@ -37,24 +50,49 @@ class Sdk:
     stream: type[Any]  # the class of the streams its calls return
     watcher: Callable[[], Watcher]  # watches one stream for its usage
     usage_in: Callable[[object], object | None]  # the usage of a whole response
+    unset: tuple[type, ...] = ()  # the classes of its "not given" markers (openai.NotGiven, ...)
+    observed: bool = False  # whether the client's HTTP attempts are observed (``_attempts``)
+
+
+#: Whether this thread or task is inside a gated call: a gated method that the SDK calls from
+#: another (``create`` calls the client's ``post``, itself gated for frameworks that call it
+#: directly) is not gated twice.
+_INSIDE: ContextVar[bool] = ContextVar("costbound_inside_a_gated_call", default=False)
+
+
+def _model_argument(kwargs: dict[str, Any]) -> str | None:
+    model: str | None = kwargs.get("model")
+    return model
 
 
 def gated_sync(
-    gate: Gate, sdk: Sdk, call: Callable[..., Any], request: Request
+    gate: Gate,
+    sdk: Sdk,
+    call: Callable[..., Any],
+    request: Request,
+    model_of: Callable[[dict[str, Any]], str | None] = _model_argument,
 ) -> Callable[..., Any]:
-    """``call`` gated: the budgets first, then the call, then the settlement."""
+    """``call`` gated: the budgets first, then the call, then the settlement.
+
+    ``request(kwargs)`` reads the prompt and the output bound, ``model_of(kwargs)`` the model.
+    """
 
     @functools.wraps(call)
-    def gated(*args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - the SDK's own types
+    def gated(*args: Any, **given: Any) -> Any:  # noqa: ANN401 - the SDK's own types
+        if _INSIDE.get():
+            return call(*args, **given)
+        kwargs = without_unset(given, sdk.unset)
         prompt, bound = request(kwargs)
-        passed = gate.enter_sync(model=kwargs.get("model"), prompt=prompt, max_output_tokens=bound)
-        try:
-            response = call(*args, **kwargs)
-        except BaseException as error:
-            passed.fail_sync(error)
-            raise
+        model = model_of(kwargs)
+        passed = gate.enter_sync(model=model, prompt=prompt, max_output_tokens=bound)
+        with _calling(sdk) as attempts:
+            try:
+                response = call(*args, **kwargs)
+            except BaseException as error:
+                passed.fail_sync(error, attempts)
+                raise
         if isinstance(response, sdk.stream):
-            return SyncStream(response, passed, sdk.watcher())
+            return SyncStream(response, passed, sdk.watcher(), attempts)
         settle_sync(passed, sdk.usage_in(_parsed(response)))
         return response
 
@@ -62,25 +100,50 @@ def gated_sync(
 
 
 def gated_async(
-    gate: Gate, sdk: Sdk, call: Callable[..., Any], request: Request
+    gate: Gate,
+    sdk: Sdk,
+    call: Callable[..., Any],
+    request: Request,
+    model_of: Callable[[dict[str, Any]], str | None] = _model_argument,
 ) -> Callable[..., Any]:
     """Gate an async ``call`` as :func:`gated_sync` gates a blocking one."""
 
     @functools.wraps(call)
-    async def gated(*args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - the SDK's own types
+    async def gated(*args: Any, **given: Any) -> Any:  # noqa: ANN401 - the SDK's own types
+        if _INSIDE.get():
+            return await call(*args, **given)
+        kwargs = without_unset(given, sdk.unset)
         prompt, bound = request(kwargs)
-        passed = await gate.enter(model=kwargs.get("model"), prompt=prompt, max_output_tokens=bound)
-        try:
-            response = await call(*args, **kwargs)
-        except BaseException as error:
-            await passed.fail(error)
-            raise
+        model = model_of(kwargs)
+        passed = await gate.enter(model=model, prompt=prompt, max_output_tokens=bound)
+        with _calling(sdk) as attempts:
+            try:
+                response = await call(*args, **kwargs)
+            except BaseException as error:
+                await passed.fail(error, attempts)
+                raise
         if isinstance(response, sdk.stream):
-            return AsyncStream(response, passed, sdk.watcher())
+            return AsyncStream(response, passed, sdk.watcher(), attempts)
         await settle(passed, sdk.usage_in(await _parsed_async(response)))
         return response
 
     return gated
+
+
+@contextlib.contextmanager
+def _calling(sdk: Sdk) -> Iterator[Attempts | None]:
+    """Mark the block as inside a gated call, and record its attempts (when observed)."""
+    token = _INSIDE.set(True)
+    try:
+        with attempts_of(sdk) as attempts:
+            yield attempts
+    finally:
+        _INSIDE.reset(token)
+
+
+def attempts_of(sdk: Sdk) -> contextlib.AbstractContextManager[Attempts | None]:
+    """Record a call's HTTP attempts when its SDK's are observed (else None: not known)."""
+    return recording() if sdk.observed else contextlib.nullcontext()
 
 
 def _raw(response: object) -> Callable[[], Any] | None:
@@ -134,19 +197,57 @@ async def settle(passed: Pass, usage: object | None) -> None:
         await passed.settle(usage)
 
 
-class SyncStream:
-    """The SDK's stream, watched; settled at its usage when it ends, else at the estimate."""
+class _Watched:
+    """What both stream wrappers hold: the SDK's stream, its pass, watcher and attempts.
 
-    def __init__(self, stream: Any, passed: Pass, watcher: Watcher) -> None:  # noqa: ANN401
+    Some streams send their request only when first read (google-genai's): each read is
+    recorded with the attempts of the call that made the stream, and a read that raises is
+    settled as a failed call is (:meth:`Pass.fail`). Without observed attempts a failed read
+    is charged at the estimate, as a stream cut short is.
+    """
+
+    def __init__(
+        self,
+        stream: Any,  # noqa: ANN401 - the SDK's stream
+        passed: Pass,
+        watcher: Watcher,
+        attempts: Attempts | None = None,
+    ) -> None:
         self._stream = stream
         self._passed = passed
         self._watcher = watcher
-        self._items: Iterator[Any] | None = None
+        self._attempts = attempts
+
+    def _reading(self) -> contextlib.AbstractContextManager[object]:
+        """Record the attempts a read makes (one ``next``: never across a ``yield``)."""
+        if self._attempts is None:
+            return contextlib.nullcontext()
+        return recording(self._attempts)
+
+    def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - the SDK stream's attributes
+        return getattr(self._stream, name)
+
+
+class SyncStream(_Watched):
+    """The SDK's stream, watched; settled at its usage when it ends, else at the estimate."""
+
+    _items: Iterator[Any] | None = None
 
     def __iter__(self) -> Iterator[Any]:
+        items = iter(self._stream)
         try:
-            for item in self._stream:
+            while True:
+                try:
+                    with self._reading():
+                        item = next(items)
+                except StopIteration:
+                    return
+                except Exception as error:
+                    if self._attempts is not None:
+                        self._passed.fail_sync(error, self._attempts)
+                    raise
                 self._watcher.see(item)
+                self._passed.keep_alive_sync()
                 yield item
         finally:
             settle_sync(self._passed, self._watcher.usage)
@@ -170,23 +271,27 @@ class SyncStream:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - the SDK stream's attributes
-        return getattr(self._stream, name)
 
-
-class AsyncStream:
+class AsyncStream(_Watched):
     """Watch an async stream as :class:`SyncStream` watches a blocking one."""
 
-    def __init__(self, stream: Any, passed: Pass, watcher: Watcher) -> None:  # noqa: ANN401
-        self._stream = stream
-        self._passed = passed
-        self._watcher = watcher
-        self._items: AsyncIterator[Any] | None = None
+    _items: AsyncIterator[Any] | None = None
 
     async def __aiter__(self) -> AsyncIterator[Any]:
+        items = aiter(self._stream)
         try:
-            async for item in self._stream:
+            while True:
+                try:
+                    with self._reading():
+                        item = await anext(items)
+                except StopAsyncIteration:
+                    return
+                except Exception as error:
+                    if self._attempts is not None:
+                        await self._passed.fail(error, self._attempts)
+                    raise
                 self._watcher.see(item)
+                await self._passed.keep_alive()
                 yield item
         finally:
             await settle(self._passed, self._watcher.usage)
@@ -213,6 +318,3 @@ class AsyncStream:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-    def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - the SDK stream's attributes
-        return getattr(self._stream, name)

@@ -15,8 +15,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anthropic
 
+from costbound.integrations._attempts import observe_http
+from costbound.integrations._clients import guard_copies, without_unset
 from costbound.integrations._gate import Gate, GateOptions, Pass
-from costbound.integrations._streams import Sdk, gated_async, gated_sync, settle, settle_sync
+from costbound.integrations._streams import (
+    Sdk,
+    attempts_of,
+    gated_async,
+    gated_sync,
+    settle,
+    settle_sync,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -32,14 +41,26 @@ def guard(
 ) -> _C:
     """Gate ``client``'s messages (``create``, ``parse``, ``stream``); return the same client.
 
-    ``client.beta.messages`` is gated as well.
+    ``client.beta.messages`` is gated as well, and so are the client's copies
+    (``with_options``, ``copy``) and views (``with_raw_response``, ``with_streaming_response``),
+    on the same budgets. The SDK's unset markers (``anthropic.NOT_GIVEN``, ``anthropic.omit``)
+    count as arguments not given.
     """
-    gate = Gate(**options)
+    return _install(client, Gate(**options))
+
+
+#: The classes of the SDK's "not given" markers (``NOT_GIVEN``, ``not_given``, ``omit``).
+_UNSET = (anthropic.NotGiven, anthropic.Omit)
+
+
+def _install(client: _C, gate: Gate) -> _C:
+    """Gate ``client`` (a new one, or a copy of a guarded one) on ``gate``."""
+    observed = observe_http(client)
     if isinstance(client, anthropic.AsyncAnthropic):
-        sdk = Sdk(anthropic.AsyncStream, _MessageUsage, _usage_in)
+        sdk = Sdk(anthropic.AsyncStream, _MessageUsage, _usage_in, _UNSET, observed)
         wrap, manager = gated_async, _AsyncStreamManager
     else:
-        sdk = Sdk(anthropic.Stream, _MessageUsage, _usage_in)
+        sdk = Sdk(anthropic.Stream, _MessageUsage, _usage_in, _UNSET, observed)
         wrap, manager = gated_sync, _StreamManager
     # ``create`` and ``parse`` (structured outputs) each send their own request; ``stream`` is
     # gated when its block is entered. The beta namespace has the same three.
@@ -49,7 +70,8 @@ def guard(
             if hasattr(messages, name):
                 setattr(messages, name, wrap(gate, sdk, getattr(messages, name), _request))
         if hasattr(messages, "stream"):
-            messages.stream = _gated_stream(gate, messages.stream, manager)  # type: ignore[union-attr,method-assign]
+            messages.stream = _gated_stream(gate, sdk, messages.stream, manager)  # type: ignore[union-attr,method-assign]
+    guard_copies(client, lambda copy: _install(copy, gate))
     return client
 
 
@@ -113,11 +135,15 @@ def _final_usage(stream: object) -> object | None:
 
 
 def _gated_stream(
-    gate: Gate, stream: Callable[..., Any], manager: type[_StreamManager | _AsyncStreamManager]
+    gate: Gate,
+    sdk: Sdk,
+    stream: Callable[..., Any],
+    manager: type[_StreamManager | _AsyncStreamManager],
 ) -> Callable[..., Any]:
-    def gated(**kwargs: object) -> _StreamManager | _AsyncStreamManager:
+    def gated(**given: object) -> _StreamManager | _AsyncStreamManager:
+        kwargs = without_unset(given, _UNSET)
         _request(kwargs)  # reads an iterator of messages into a list before the SDK keeps it
-        return manager(gate, stream, kwargs)
+        return manager(gate, sdk, stream, kwargs)
 
     return gated
 
@@ -129,8 +155,11 @@ class _StreamManager:
     then, once the budgets are taken (an async one prepares its request when it is made).
     """
 
-    def __init__(self, gate: Gate, stream: Callable[..., Any], kwargs: dict[str, Any]) -> None:
+    def __init__(
+        self, gate: Gate, sdk: Sdk, stream: Callable[..., Any], kwargs: dict[str, Any]
+    ) -> None:
         self._gate = gate
+        self._sdk = sdk
         self._open = stream
         self._manager: Any = None
         self._kwargs = kwargs
@@ -142,12 +171,13 @@ class _StreamManager:
         passed = self._gate.enter_sync(
             model=self._kwargs.get("model"), prompt=prompt, max_output_tokens=bound
         )
-        try:
-            self._manager = self._open(**self._kwargs)
-            self._stream = self._manager.__enter__()
-        except BaseException as error:
-            passed.fail_sync(error)
-            raise
+        with attempts_of(self._sdk) as attempts:
+            try:
+                self._manager = self._open(**self._kwargs)
+                self._stream = self._manager.__enter__()
+            except BaseException as error:
+                passed.fail_sync(error, attempts)
+                raise
         self._passed = passed
         return self._stream
 
@@ -167,8 +197,11 @@ class _StreamManager:
 class _AsyncStreamManager:
     """Gate ``messages.stream(...)`` of an async client, as :class:`_StreamManager` does."""
 
-    def __init__(self, gate: Gate, stream: Callable[..., Any], kwargs: dict[str, Any]) -> None:
+    def __init__(
+        self, gate: Gate, sdk: Sdk, stream: Callable[..., Any], kwargs: dict[str, Any]
+    ) -> None:
         self._gate = gate
+        self._sdk = sdk
         self._open = stream
         self._manager: Any = None
         self._kwargs = kwargs
@@ -180,12 +213,13 @@ class _AsyncStreamManager:
         passed = await self._gate.enter(
             model=self._kwargs.get("model"), prompt=prompt, max_output_tokens=bound
         )
-        try:
-            self._manager = self._open(**self._kwargs)
-            self._stream = await self._manager.__aenter__()
-        except BaseException as error:
-            await passed.fail(error)
-            raise
+        with attempts_of(self._sdk) as attempts:
+            try:
+                self._manager = self._open(**self._kwargs)
+                self._stream = await self._manager.__aenter__()
+            except BaseException as error:
+                await passed.fail(error, attempts)
+                raise
         self._passed = passed
         return self._stream
 

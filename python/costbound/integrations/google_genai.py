@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from google import genai
 
+from costbound.integrations._attempts import observe_genai
 from costbound.integrations._gate import Gate, GateOptions
 from costbound.integrations._streams import Sdk, gated_async, gated_sync
 
@@ -32,8 +33,11 @@ def guard(
 ) -> genai.Client:
     """Gate ``client``'s content generation, blocking and async; return the same client."""
     gate = Gate(**options)
-    blocking = Sdk(types.GeneratorType, _StreamUsage, _usage_in)
-    asynchronous = Sdk(types.AsyncGeneratorType, _StreamUsage, _usage_in)
+    # Each attempt of the SDK's retries is observed, to tell whether a failed call may have
+    # reached the API.
+    observed = observe_genai(client, _status)
+    blocking = Sdk(types.GeneratorType, _StreamUsage, _usage_in, observed=observed)
+    asynchronous = Sdk(types.AsyncGeneratorType, _StreamUsage, _usage_in, observed=observed)
     models, aio_models = client.models, client.aio.models
     for name in ("generate_content", "generate_content_stream"):
         setattr(models, name, gated_sync(gate, blocking, getattr(models, name), _request))
@@ -41,6 +45,15 @@ def guard(
             aio_models, name, gated_async(gate, asynchronous, getattr(aio_models, name), _request)
         )
     return client
+
+
+def _status(error: BaseException) -> int | None:
+    """Read the HTTP status of an answered error: ``APIError.code``.
+
+    Its ``response`` may be aiohttp's, which has no ``status_code``.
+    """
+    code = getattr(error, "code", None) if isinstance(error, genai.errors.APIError) else None
+    return code if isinstance(code, int) else None
 
 
 def _request(kwargs: dict[str, Any]) -> tuple[object, int | None]:

@@ -4,13 +4,13 @@
 the agent. ``model.invoke(..., config={"callbacks": [BudgetCallbackHandler(tokens=...)]})``
 gates any chat model; it sets ``raise_error = True``, without which LangChain would only log
 the denial and make the call anyway. Each call settles at the ``usage_metadata`` of the message
-it returns; an error with a status of 400 and above refunds everything; any other failure, or a
-result without usage, is charged at the estimate.
+it returns; an answer from LangChain's LLM cache, and an error with a status of 400 and above,
+refund everything; any other failure, or a result without usage, is charged at the estimate.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -43,6 +43,37 @@ def _usage_of_messages(messages: object) -> object | None:
         if usage:
             return usage
     return None
+
+
+def _from_cache(messages: object) -> bool:
+    """Whether LangChain answered from its LLM cache (no request was made, nothing billed).
+
+    langchain_core marks a message it takes from the cache: it adds ``"total_cost": 0`` to the
+    cached usage metadata (which otherwise repeats the usage of the call that filled the cache).
+    """
+    if not isinstance(messages, (list, tuple)):
+        messages = [messages]
+    for message in messages:
+        usage = getattr(message, "usage_metadata", None)
+        if isinstance(usage, Mapping) and usage.get("total_cost", None) == 0:
+            return True
+    return False
+
+
+def _settle_sync(passed: Pass, messages: object) -> None:
+    """Settle at the messages' usage; refund what LangChain answered from its cache."""
+    if _from_cache(messages):
+        passed.refund_sync()
+    else:
+        settle_sync(passed, _usage_of_messages(messages))
+
+
+async def _settle(passed: Pass, messages: object) -> None:
+    """Do what :func:`_settle_sync` does, with the budgets' async methods."""
+    if _from_cache(messages):
+        await passed.refund()
+    else:
+        await settle(passed, _usage_of_messages(messages))
 
 
 class BudgetMiddleware(AgentMiddleware[Any, Any]):
@@ -79,7 +110,7 @@ class BudgetMiddleware(AgentMiddleware[Any, Any]):
         except BaseException as error:
             passed.fail_sync(error)
             raise
-        settle_sync(passed, _usage_of_messages(getattr(response, "result", response)))
+        _settle_sync(passed, getattr(response, "result", response))
         return response
 
     async def awrap_model_call(
@@ -94,7 +125,7 @@ class BudgetMiddleware(AgentMiddleware[Any, Any]):
         except BaseException as error:
             await passed.fail(error)
             raise
-        await settle(passed, _usage_of_messages(getattr(response, "result", response)))
+        await _settle(passed, getattr(response, "result", response))
         return response
 
 
@@ -139,7 +170,7 @@ class BudgetCallbackHandler(BaseCallbackHandler):
         if passed is None:
             return
         generations = [g for batch in getattr(response, "generations", []) for g in batch]
-        settle_sync(passed, _usage_of_messages([getattr(g, "message", None) for g in generations]))
+        _settle_sync(passed, [getattr(g, "message", None) for g in generations])
 
     def on_llm_error(
         self,

@@ -12,10 +12,12 @@ arrived, is charged at the estimate.
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 from pydantic_ai.capabilities import AbstractCapability
 
+from costbound.integrations._attempts import observe_client, recording
 from costbound.integrations._gate import Gate, GateOptions
 
 if TYPE_CHECKING:
@@ -51,11 +53,21 @@ class BudgetCapability(AbstractCapability[Any]):
             prompt=request_context.messages,
             max_output_tokens=settings.get("max_tokens"),
         )
-        try:
-            response = await handler(request_context)
-        except BaseException as error:
-            await passed.fail(error)  # ModelHTTPError carries the provider's status_code
-            raise
+        # The model's SDK client (OpenAI, Anthropic, google-genai) is observed, to tell whether a
+        # failed request can have reached the provider; other models' errors speak for
+        # themselves (ModelHTTPError carries the provider's status_code).
+        client = getattr(request_context.model, "client", None)
+        observed = client is not None and observe_client(client)
+        with recording() if observed else contextlib.nullcontext() as attempts:
+            try:
+                response = await handler(request_context)
+            except BaseException as error:
+                # pydantic-ai may send a streamed request from another task, where no attempt is
+                # recorded here: only attempts that were seen tell anything.
+                await passed.fail(
+                    error, attempts if attempts is not None and attempts.made else None
+                )
+                raise
         if _finished(response):
             await passed.settle(response.usage)
         else:
