@@ -36,6 +36,7 @@ import redis.asyncio
 import redis.exceptions
 from costbound import AtomicTokenBudget, BackendError, TokenReservation
 from costbound.redis import (
+    KEEP_SECONDS,
     MAX_AMOUNT,
     RedisBudget,
     RedisPermit,
@@ -43,7 +44,7 @@ from costbound.redis import (
     RedisTokenBudget,
     Snapshot,
 )
-from costbound.redis import _core as redis_core
+from costbound.redis import _wait as redis_wait
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis_support import unique
@@ -938,39 +939,41 @@ async def test_a_record_whose_reply_was_lost_is_charged_once_when_retried(aclien
     with pytest.raises(BackendError) as info:
         await tb.record_usage(r, 100, 50)
     assert str(info.value).startswith("budget backend error: ")
-    assert r.armed  # the client cannot know: the reservation stays armed
-    snap = await other.snapshot()  # ... but the server did record it
+    assert not r.armed  # the library owns the settlement now: it re-sends it
+    snap = await other.snapshot()  # ... and the server did record it
     assert (snap.available, snap.consumed, snap.outstanding) == (750, 150, 1)
 
-    await tb.record_usage(r, 100, 50)  # the retry: deduplicated by the reservation's id
-    assert not r.armed
+    await tb.flush()  # the re-send: deduplicated by the reservation's id
     snap = await other.snapshot()
     assert (snap.available, snap.consumed) == (750, 150)
-    with refused():
-        await other.record_usage(r, 100, 50)
+    await tb.record_usage(r, 100, 50)  # a caller's repeat is sent again, and charged once
+    await other.record_usage(r, 100, 50)
+    assert (await other.snapshot()).consumed == 150
 
-    # Retried on another object of the same budget, and a different figure: still once.
+    # Repeated on another object of the same budget, with a different figure: still once, at
+    # the figure first sent.
     lossy.lose = 1
     with pytest.raises(BackendError):
         await tb.record_usage(gave_up, 20, 0)
-    assert gave_up.armed
+    assert not gave_up.armed
     other.record_usage_sync(gave_up, 999, 999)
     snap = await other.snapshot()
     assert (snap.available, snap.consumed, snap.outstanding) == (830, 170, 0)
+    await tb.flush()
+    assert await other.snapshot() == snap
 
-    # Giving up after a lost reply (dropping it) refunds nothing a second time.
+    # Dropping it after a lost reply refunds nothing a second time.
     third = await tb.try_reserve_tokens(300)
     lossy.lose = 1
     with pytest.raises(BackendError):
         await tb.record_usage(third, 0, 0)
-    assert third.armed
     del third
     await tb.flush()
     snap = await other.snapshot()
     assert (snap.available, snap.consumed, snap.outstanding) == (830, 170, 0)
 
 
-def test_a_record_that_never_reached_the_server_leaves_the_reservation_armed(sclient):
+def test_a_record_that_never_reached_the_server_is_sent_again_by_the_library(sclient):
     name = unique("unreached")
     good = RedisTokenBudget(name, 1_000, sync_client=sclient)
     dead = redis.Redis(
@@ -985,16 +988,19 @@ def test_a_record_that_never_reached_the_server_leaves_the_reservation_armed(scl
         with pytest.raises(BackendError) as info:
             bad.record_usage_sync(r, 10, 5)
         assert str(info.value).startswith("budget backend error: ")
-        assert r.armed
+        assert not r.armed  # owed by `bad`: it re-sends it
         snap = good.snapshot_sync()
         assert (snap.available, snap.consumed, snap.outstanding) == (600, 0, 1)
         with pytest.raises(BackendError):
             bad.record_usage_sync(r, 10, 5)  # failing again changes nothing either
-        assert r.armed
-        good.record_usage_sync(r, 10, 5)
-        assert not r.armed
+        with pytest.raises(BackendError):
+            bad.flush_sync()
+        good.record_usage_sync(r, 10, 5)  # a repeat through a working object settles it
         snap = good.snapshot_sync()
         assert (snap.available, snap.consumed, snap.outstanding) == (985, 15, 0)
+        bad._core.sync_client = sclient  # `bad` reaches the server again: its re-sends are
+        bad.flush_sync()  # answered from the kept outcome, nothing twice
+        assert good.snapshot_sync() == snap
     finally:
         dead.close()
 
@@ -1295,7 +1301,7 @@ def test_the_rate_is_stored_as_an_exact_fraction(sclient):
 async def test_a_waiter_on_a_rated_budget_is_granted_by_the_rate_alone(aclient, monkeypatch):
     # No release comes, and the fallback poll is made longer than the deadlines below: only
     # the timer set from the rate wakes the waiters in time.
-    monkeypatch.setattr(redis_core, "POLL_SECONDS", 120.0)
+    monkeypatch.setattr(redis_wait, "POLL_SECONDS", 120.0)
     tb = RedisTokenBudget(unique("ratewait"), 1_000, rate=1_000.0, client=aclient)
     b = RedisBudget(unique("ratewait"), 100, rate=200.0, client=aclient)
     hold = await tb.try_reserve_tokens(1_000)
@@ -1351,7 +1357,7 @@ async def test_a_waiter_is_woken_by_another_process_through_pub_sub(
     # The fallback poll is made far longer than the deadline below (and the waiter has no
     # timeout of its own): a grant in time can only come from the message that the other
     # process's call publishes.
-    monkeypatch.setattr(redis_core, "POLL_SECONDS", 120.0)
+    monkeypatch.setattr(redis_wait, "POLL_SECONDS", 120.0)
     capacity = 100
     name = unique("wake")
     child = await asyncio.create_subprocess_exec(
@@ -1395,7 +1401,7 @@ async def test_a_waiter_is_woken_by_another_process_through_pub_sub(
 def test_a_blocking_waiter_is_woken_by_another_process_through_pub_sub(
     redis_url, sclient, monkeypatch
 ):
-    monkeypatch.setattr(redis_core, "POLL_SECONDS", 120.0)  # as above: only a message wakes it
+    monkeypatch.setattr(redis_wait, "POLL_SECONDS", 120.0)  # as above: only a message wakes it
     capacity = 100
     name = unique("wake")
     child = subprocess.Popen(
@@ -1482,20 +1488,24 @@ async def _cancel_while_granting(aclient, sclient, kind):
         assert budget.snapshot_sync().available == budget.capacity
 
 
-def test_expired_tombstones_are_trimmed_64_a_settlement(sclient):
-    # A settled id is remembered TOMBSTONE_SECONDS (to answer a retried record_usage) and no
-    # longer: each settlement removes up to 64 expired tombstones once one is due. Fifteen
-    # minutes are simulated by ageing the tombstones and the budget's hint on the server.
-    tb = RedisTokenBudget(unique("tombstones"), 1_000, sync_client=sclient)
-    for _ in range(70):
+def test_call_outcomes_are_kept_ten_minutes_then_forgotten_64_a_call(sclient):
+    # Every state-changing call's outcome is kept under its id for max(lease, KEEP_SECONDS)
+    # (to answer a retried or re-sent call) and no longer: each call forgets up to 64 that are
+    # due. The wait is simulated by ageing the forget times and the budget's hint on the server.
+    tb = RedisTokenBudget(unique("outcomes"), 1_000, sync_client=sclient)
+    for _ in range(35):  # a lease and a settlement each: 70 ids
         tb.record_usage_sync(tb.try_reserve_tokens_sync(1), 1, 0)
-    done = tb.keys[2]
-    assert sclient.zcard(done) == 70
-    assert sclient.zscore(done, sclient.zrange(done, 0, 0)[0]) > time.time() * 1e6 + 800e6
+    _, _, calls, forget = tb.keys
+    assert sclient.zcard(forget) == 70
+    assert sclient.hlen(calls) == 70
+    assert set(sclient.hvals(calls)) == {b"leased", b"done"}
+    assert sclient.zscore(forget, sclient.zrange(forget, 0, 0)[0]) > (
+        time.time() + KEEP_SECONDS - 60
+    ) * 1e6
     sclient.eval(
         """
         local v = {cmsgpack.unpack(redis.call('GET', KEYS[1]))}
-        v[14] = 1
+        v[14] = 1  -- next_forget: due
         redis.call('SET', KEYS[1], cmsgpack.pack(unpack(v)))
         for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
           redis.call('ZADD', KEYS[2], 1, id)
@@ -1503,11 +1513,11 @@ def test_expired_tombstones_are_trimmed_64_a_settlement(sclient):
         """,
         2,
         tb.keys[0],
-        done,
+        forget,
     )
-    tb.record_usage_sync(tb.try_reserve_tokens_sync(1), 1, 0)
-    assert sclient.zcard(done) == 70 - 64 + 1
-    tb.record_usage_sync(tb.try_reserve_tokens_sync(1), 1, 0)  # the 6 left are due: gone
-    assert sclient.zcard(done) == 2
+    tb.refill_sync()  # one more id; 64 of the 70 are forgotten
+    assert sclient.zcard(forget) == sclient.hlen(calls) == 70 - 64 + 1
+    tb.refill_sync()  # the 6 left are due too: gone
+    assert sclient.zcard(forget) == sclient.hlen(calls) == 2
     snap = tb.snapshot_sync()
-    assert (snap.available, snap.consumed, snap.outstanding) == (1_000 - 72, 72, 0)
+    assert (snap.available, snap.consumed, snap.outstanding) == (1_000, 35, 0)

@@ -23,6 +23,14 @@ holding reservations therefore loses nothing for the others. ``try_reserve`` / `
 symmetric counters without identity, as in the seed: units a crashed holder took that way come
 back only by ``refill`` or ``rate``.
 
+Every call that changes state carries an id made by the client, and the server applies each id
+once, keeping its outcome for ``max(lease, KEEP_SECONDS)`` seconds: redis-py's own retries (an
+ordinary ``redis.Redis(host, port)`` retries a command after a timeout) never take or give
+twice. A call that raised ``BackendError`` or was cancelled is made certain by the library: a
+``try_reserve`` or a grant is rolled back by its id, and a ``release``, ``refill``,
+``record_usage`` or refund is re-sent with its id on the budget's next call, on ``flush()``, and
+at interpreter exit. Do not repeat such a call yourself (a repeated ``release`` gives twice).
+
 Amounts and capacities are exact up to ``2**53 - 1`` (Lua's numbers are doubles); a capacity
 above that is a ValueError, and sums saturate there. The rate is stored as a fraction p/q per
 second with ``q * (p + 1) < 2**33``: a ratio of small integers such as ``100 / 60`` is exact.
@@ -31,41 +39,42 @@ second with ``q * (p + 1) < 2**33``: a ratio of small integers such as ``100 / 6
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass
 from fractions import Fraction
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
+from costbound import _outbox
 from costbound._admit import _refuse_on_a_loop
+from costbound._errors import BackendError
 from costbound._reservation import TokenReservation
 from costbound.redis._core import (
     MAX_AMOUNT,
     Core,
-    Denied,
     Lease,
     amount,
-    check_fits,
-    new_id,
+    lease_micros,
     rate_fraction,
     seconds,
-    shielded,
 )
 from costbound.redis._script import (
     EXTEND,
     GIVE,
+    KEEP_SECONDS,
     LEASE,
     REFILL,
     SETTLE,
-    SNAP,
+    SNAPSHOT,
     TAKE,
-    TOMBSTONE_SECONDS,
     UNLEASE,
 )
+from costbound.redis._wait import Denied, check_fits, shielded
 
 __all__ = [
+    "KEEP_SECONDS",
     "MAX_AMOUNT",
-    "TOMBSTONE_SECONDS",
     "RedisBudget",
     "RedisPermit",
     "RedisReservation",
@@ -156,25 +165,38 @@ class RedisPermit:
         return self._lease.used
 
     async def _end(self, method: str, refund: int) -> None:
-        lease = self._lease
-        if lease.claim():
-            try:
-                await self._core.call(method, UNLEASE, lease.member, refund)
-            except BaseException:
-                lease.unclaim()  # not settled: the caller may retry
-                raise
+        lease, core = self._lease, self._core
+        fresh = lease.claim()
+        if not fresh and lease.owed is None:
+            return  # given back already
+        refund = refund if fresh else _owed_figure(lease)
+        try:
+            await core.call(method, UNLEASE, lease.end_id, lease.member, refund)
+        except BaseException:
+            if fresh:
+                _owe_or_unclaim(core, lease, lease.end_id)
+            raise
 
     def _end_sync(self, method: str, refund: int) -> None:
-        lease = self._lease
-        if lease.claim():
-            try:
-                self._core.call_sync(method, UNLEASE, lease.member, refund)
-            except BaseException:
-                lease.unclaim()
-                raise
+        lease, core = self._lease, self._core
+        fresh = lease.claim()
+        if not fresh and lease.owed is None:
+            return
+        refund = refund if fresh else _owed_figure(lease)
+        try:
+            core.call_sync(method, UNLEASE, lease.end_id, lease.member, refund)
+        except BaseException:
+            if fresh:
+                _owe_or_unclaim(core, lease, lease.end_id)
+            raise
 
     async def release(self) -> None:
-        """Give the units back, once; later calls do nothing. On ``BackendError``, retry."""
+        """Give the units back, once; later calls do nothing.
+
+        On ``BackendError`` (or a cancellation) the release is kept and re-sent, with the id it
+        was sent with, by the budget's next call, ``flush()`` or the exit: the permit counts as
+        released. Calling ``release`` again sends it again under the same id (given back once).
+        """
         await self._end("release", self._lease.amount)
 
     def release_sync(self) -> None:
@@ -215,6 +237,12 @@ class RedisPermit:
         traceback: TracebackType | None,
     ) -> None:
         self.release_sync()
+
+    def __del__(self) -> None:
+        # A dropped permit gives its units back as a dropped reservation does (without blocking).
+        lease = self._lease
+        if not lease.used:
+            lease(lease.amount)
 
     def __repr__(self) -> str:
         state = "released" if self.released else "held"
@@ -296,21 +324,19 @@ class _RedisBase:
         owner = type(self).__name__
         capacity = amount(capacity, "capacity", self._MAX_CAPACITY)
         fraction = rate_fraction(rate)
-        lease_seconds = seconds(lease, "lease", finite=True)
-        if not lease_seconds:
-            raise ValueError(f"lease must be a number of seconds > 0, got {lease}")
+        micros = lease_micros(lease)
         self._core = Core(
             owner,
             name=name,
             kind=self._KIND,
             capacity=capacity,
             rate=fraction,
-            lease=lease_seconds,
+            lease_micros=micros,
             client=client,
             sync_client=sync_client,
             reconfigure=bool(reconfigure),
         )
-        self._lease_seconds = lease_seconds
+        self._lease_seconds = micros / 1e6
 
     @property
     def name(self) -> str:
@@ -338,32 +364,38 @@ class _RedisBase:
         return self._core.keys
 
     async def refill(self) -> None:
-        """Add ``capacity`` to the balance, capped at ``capacity`` (debt is paid first)."""
-        await self._core.call("refill", REFILL)
+        """Add ``capacity`` to the balance, capped at ``capacity`` (debt is paid first).
+
+        On ``BackendError`` the refill is kept and re-sent with its id (next call, ``flush()``,
+        exit): do not call it again for the same refill.
+        """
+        await self._core.call("refill", REFILL, _outbox.next_id())
 
     def refill_sync(self) -> None:
         """Do what :meth:`refill` does, with the blocking client."""
-        self._core.call_sync("refill_sync", REFILL)
+        self._core.call_sync("refill_sync", REFILL, _outbox.next_id())
 
     async def snapshot(self) -> Snapshot:
         """Read the budget's state as the server holds it now."""
-        return _snapshot(await self._core.call("snapshot", SNAP))
+        return _snapshot(await self._core.call("snapshot", SNAPSHOT))
 
     def snapshot_sync(self) -> Snapshot:
         """Do what :meth:`snapshot` does, with the blocking client."""
-        return _snapshot(self._core.call_sync("snapshot_sync", SNAP))
+        return _snapshot(self._core.call_sync("snapshot_sync", SNAPSHOT))
 
     async def flush(self) -> None:
-        """Send the refunds of dropped reservations now, and wait for those under way.
+        """Send now every call this object still owes the server, each with its first id.
 
-        They are otherwise sent in the background (on the event loop that granted them) or
-        with the budget's next call; call this before a worker exits so that its refunds need
-        not wait for their leases to expire.
+        That is: refunds of dropped reservations and releases of dropped permits, releases,
+        refills and settlements that raised ``BackendError``, and rollbacks of grants whose
+        caller was cancelled or timed out. They otherwise go with the budget's next call, in
+        the background on the event loop, and at interpreter exit. Raises ``BackendError``
+        (keeping them) when the server cannot be reached.
         """
         await self._core.flush()
 
     def flush_sync(self) -> None:
-        """Send the refunds of dropped reservations that wait for the next call, now."""
+        """Do what :meth:`flush` does, with the blocking client."""
         self._core.flush_sync()
 
     def _held_lease(self, held: object, method: str) -> Lease:
@@ -372,12 +404,12 @@ class _RedisBase:
             raise ValueError(f"{method}: {held!r} was not issued by the budget {self.name!r}")
         return lease
 
-    def _extend_args(self, held: object, duration: object, method: str) -> tuple[str, int]:
+    def _extend_args(self, held: object, duration: object, method: str) -> tuple[str, str, int]:
         extra = seconds(duration, "seconds", finite=True)
         lease = self._held_lease(held, method)
         if lease.used:
             raise ValueError(f"{method}: the lease {lease.id} was already settled")
-        return lease.member, round((extra or 0.0) * 1e6)
+        return _outbox.next_id(), lease.member, round((extra or 0.0) * 1e6)
 
     async def extend(self, held: RedisReservation | RedisPermit, seconds: float) -> bool:
         """Make the lease of ``held`` expire ``seconds`` from now (server time).
@@ -395,14 +427,16 @@ class _RedisBase:
 
     async def _try_lease(self, method: str, wanted: int, waiting: bool) -> Lease | Denied:
         core = self._core
-        lease = core.lease(new_id(), wanted, asyncio.get_running_loop())
-        reply = await core.call(method, LEASE, lease.member, core.lease_micros, waiting=waiting)
+        lease = core.lease(_outbox.next_id(), wanted, asyncio.get_running_loop())
+        reply = await core.call(
+            method, LEASE, lease.id, wanted, core.lease_micros, waiting=waiting
+        )
         return lease if reply[0] == 1 else core.denied(reply, wanted)
 
     def _try_lease_sync(self, method: str, wanted: int, waiting: bool) -> Lease | Denied:
         core = self._core
-        lease = core.lease(new_id(), wanted, None)
-        reply = core.call_sync(method, LEASE, lease.member, core.lease_micros, waiting=waiting)
+        lease = core.lease(_outbox.next_id(), wanted, None)
+        reply = core.call_sync(method, LEASE, lease.id, wanted, core.lease_micros, waiting=waiting)
         return lease if reply[0] == 1 else core.denied(reply, wanted)
 
     async def _acquire(self, method: str, wanted: int, timeout: float | None) -> Lease:
@@ -458,30 +492,39 @@ class RedisBudget(_RedisBase):
     _KIND = "u"
 
     async def try_reserve(self, cost: int) -> bool:
-        """Take ``cost`` if it fits and no waiter of this process is queued; else ``False``."""
+        """Take ``cost`` if it fits and no waiter of this process is queued; else ``False``.
+
+        Cancelled, or failed with ``BackendError``, after it may have been sent: the take is
+        rolled back by its id (undone if the server applied it, refused if it arrives later).
+        """
         cost = amount(cost, "cost")
         core = self._core
-        if cost > MAX_AMOUNT or core.queued():
+        if cost > MAX_AMOUNT or core.queue:
             return False
-        return bool((await core.call("try_reserve", TAKE, cost))[0] == 1)
+        return bool((await core.call("try_reserve", TAKE, _outbox.next_id(), cost))[0] == 1)
 
     def try_reserve_sync(self, cost: int) -> bool:
         """Do what :meth:`try_reserve` does, with the blocking client."""
         cost = amount(cost, "cost")
         core = self._core
-        if cost > MAX_AMOUNT or core.queued():
+        if cost > MAX_AMOUNT or core.queue:
             return False
-        return bool(core.call_sync("try_reserve_sync", TAKE, cost)[0] == 1)
+        return bool(core.call_sync("try_reserve_sync", TAKE, _outbox.next_id(), cost)[0] == 1)
 
     async def release(self, cost: int) -> None:
-        """Give ``cost`` back; the balance never exceeds the capacity."""
+        """Give ``cost`` back; the balance never exceeds the capacity.
+
+        On ``BackendError`` (or a cancellation) the release is kept and re-sent with its id by
+        the budget's next call, ``flush()`` or the exit: do not call ``release`` again for it,
+        or the units are given back twice.
+        """
         cost = min(amount(cost, "cost"), MAX_AMOUNT)
-        await self._core.call("release", GIVE, cost)
+        await self._core.call("release", GIVE, _outbox.next_id(), cost)
 
     def release_sync(self, cost: int) -> None:
         """Do what :meth:`release` does, with the blocking client."""
         cost = min(amount(cost, "cost"), MAX_AMOUNT)
-        self._core.call_sync("release_sync", GIVE, cost)
+        self._core.call_sync("release_sync", GIVE, _outbox.next_id(), cost)
 
     def reserve(self, cost: int, *, timeout: float | None = None) -> _Request[RedisPermit]:
         """Wait until ``cost`` fits, then lease it: await it, or ``async with`` it."""
@@ -503,10 +546,11 @@ class RedisBudget(_RedisBase):
 class RedisTokenBudget(_RedisBase):
     """A ``TokenBudget`` with debt, shared through Redis; reservations are leases.
 
-    ``record_usage`` is idempotent: the server remembers a recorded reservation for
-    ``TOMBSTONE_SECONDS``, so a call retried after a ``BackendError`` (the reservation stays
-    armed) charges once. A ``record_usage`` that arrives after the lease was reclaimed charges
-    the actual usage once.
+    ``record_usage`` is charged once per reservation: its call id is the reservation's, and the
+    server keeps it for ``max(lease, KEEP_SECONDS)`` seconds. A ``record_usage`` that raised
+    ``BackendError`` is re-sent by the library (the next call, ``flush()``, the exit); calling it
+    again only sends what is owed. A ``record_usage`` that arrives after the lease was
+    reclaimed charges the actual usage once.
     """
 
     _KIND = "t"
@@ -514,7 +558,7 @@ class RedisTokenBudget(_RedisBase):
     async def try_reserve_tokens(self, estimate: int) -> RedisReservation | None:
         """Lease ``estimate`` if ``available - debt >= estimate`` and nobody here waits."""
         estimate = amount(estimate, "estimate")
-        if estimate > MAX_AMOUNT or self._core.queued():
+        if estimate > MAX_AMOUNT or self._core.queue:
             return None
         verdict = await self._try_lease("try_reserve_tokens", estimate, False)
         return RedisReservation(verdict) if isinstance(verdict, Lease) else None
@@ -522,7 +566,7 @@ class RedisTokenBudget(_RedisBase):
     def try_reserve_tokens_sync(self, estimate: int) -> RedisReservation | None:
         """Do what :meth:`try_reserve_tokens` does, with the blocking client."""
         estimate = amount(estimate, "estimate")
-        if estimate > MAX_AMOUNT or self._core.queued():
+        if estimate > MAX_AMOUNT or self._core.queue:
             return None
         verdict = self._try_lease_sync("try_reserve_tokens_sync", estimate, False)
         return RedisReservation(verdict) if isinstance(verdict, Lease) else None
@@ -530,12 +574,15 @@ class RedisTokenBudget(_RedisBase):
     def _settle_args(
         self, reservation: object, prompt: object, completion: object, method: str
     ) -> tuple[Lease, int]:
+        """The lease and the usage to settle (a settlement owed: the figure it was sent with)."""
         used = amount(prompt, "prompt") + amount(completion, "completion")
         if not isinstance(reservation, TokenReservation):
             raise TypeError(
                 f"reservation must be a TokenReservation, not {type(reservation).__name__}"
             )
         lease = self._held_lease(reservation, method)
+        if lease.owed is not None:
+            return lease, _owed_figure(lease)
         if lease.used or not reservation.armed:
             raise ValueError(f"{method}: the reservation was already reconciled or disarmed")
         return lease, min(used, MAX_AMOUNT)
@@ -545,20 +592,35 @@ class RedisTokenBudget(_RedisBase):
     ) -> None:
         """Settle ``reservation`` at ``prompt + completion``: refund the rest or charge the overage.
 
-        On ``BackendError`` the reservation stays armed and the call can be retried safely.
+        On ``BackendError`` (or a cancellation) the settlement is kept and re-sent, with its
+        id, by the budget's next call, ``flush()`` or the exit, and the reservation is disarmed:
+        you need not call it again. A repeat, on any object of the budget, sends the same
+        settlement again (its first figures, under its id): it is charged once.
         """
+        core = self._core
         lease, used = self._settle_args(reservation, prompt, completion, "record_usage")
-        await self._core.call("record_usage", SETTLE, lease.member, used)
-        lease.claim()
+        fresh = lease.claim()
+        try:
+            await core.call("record_usage", SETTLE, lease.settle_id, lease.member, used)
+        except BaseException:
+            if fresh and _owe_or_unclaim(core, lease, lease.settle_id):
+                reservation.disarm()
+            raise
         reservation.disarm()
 
     def record_usage_sync(
         self, reservation: TokenReservation, prompt: int, completion: int
     ) -> None:
         """Do what :meth:`record_usage` does, with the blocking client."""
+        core = self._core
         lease, used = self._settle_args(reservation, prompt, completion, "record_usage_sync")
-        self._core.call_sync("record_usage_sync", SETTLE, lease.member, used)
-        lease.claim()
+        fresh = lease.claim()
+        try:
+            core.call_sync("record_usage_sync", SETTLE, lease.settle_id, lease.member, used)
+        except BaseException:
+            if fresh and _owe_or_unclaim(core, lease, lease.settle_id):
+                reservation.disarm()
+            raise
         reservation.disarm()
 
     async def tokens_consumed(self) -> int:
@@ -594,10 +656,31 @@ class RedisTokenBudget(_RedisBase):
         lease = reservation._lease
         if reservation.disarm() is None or not lease.claim():
             return
-        try:
-            await self._core.call("reserve_tokens", UNLEASE, lease.member, lease.amount)
-        except Exception:
-            self._core.pending.append((lease.member, lease.amount))  # sent with the next call
+        # A failure leaves the refund owed (sent with the next call, flush() or the exit).
+        with contextlib.suppress(BackendError):
+            await self._core.call(
+                "reserve_tokens", UNLEASE, lease.end_id, lease.member, lease.amount
+            )
+
+
+def _owe_or_unclaim(core: Core, lease: Lease, call_id: str) -> bool:
+    """After the call that ends ``lease`` raised: note it if it is owed, else unclaim the lease.
+
+    An owed call (the server may have applied it) is re-sent by the library; one never sent
+    (the kind of client it needs is missing) leaves the lease as it was.
+    """
+    owed = core.owed_call(call_id)
+    if owed is None:
+        lease.unclaim()
+        return False
+    lease.owed = owed
+    return True
+
+
+def _owed_figure(lease: Lease) -> int:
+    """The figure (usage, refund) that the owed call ending ``lease`` was first sent with."""
+    assert lease.owed is not None  # noqa: S101 - the callers checked
+    return int(lease.owed.second)  # type: ignore[call-overload]
 
 
 def _snapshot(reply: list[Any]) -> Snapshot:
