@@ -111,10 +111,10 @@ async def test_stopped_server_fails_every_async_call_closed(redis_server, redis_
                 async with tokens.reserve_tokens(10, timeout=5):
                     pytest.fail("granted with the server down")
             with _fails():
-                await tokens.record_usage(r, 30, 20)
-            assert r.armed  # the failed record left it armed: it can be retried
-            with _fails():
                 await tokens.extend(r, 60)
+            with _fails():
+                await tokens.record_usage(r, 30, 20)
+            assert not r.armed  # the library keeps the settlement, and re-sends it
             with _fails():
                 await tokens.snapshot()
             with _fails():
@@ -129,7 +129,7 @@ async def test_stopped_server_fails_every_async_call_closed(redis_server, redis_
                 await units.reserve(1, timeout=5)
             with _fails():
                 await permit.release()
-            assert not permit.released
+            assert permit.released  # kept, and re-sent
             with _fails():
                 await units.snapshot()
             with _fails():
@@ -142,21 +142,21 @@ async def test_stopped_server_fails_every_async_call_closed(redis_server, redis_
         finally:
             redis_server.start()
 
-        # The restarted server holds nothing (no persistence): each budget is recreated full.
+        # The restarted server holds nothing (no persistence): each budget is recreated full,
+        # and the first call carries what each object owes, in order: the rollbacks of the
+        # grants (voided in advance), the settlement (its lease is unknown, so the actual usage
+        # is charged once, as after a reclaim), the refill, and the refund of the dropped
+        # reservation and the permit's release (no lease: nothing).
         snap = await tokens.snapshot()
-        assert (snap.available, snap.debt, snap.consumed) == (1_000, 0, 0)
+        assert (snap.available, snap.debt, snap.consumed) == (1_000, 0, 50)
         assert (snap.reserved, snap.outstanding, snap.reclaimed) == (0, 0, 0)
-        usnap = await units.snapshot()
+        usnap = await units.snapshot()  # the release of 1 and the refill: capped at 10
         assert (usnap.available, usnap.outstanding) == (10, 0)
-        # The armed reservation is recorded at last: its lease is unknown, so the actual usage is
-        # charged once, as after a reclaim; the pending refund and the permit find no lease.
-        await tokens.record_usage(r, 30, 20)
-        assert not r.armed
-        await tokens.flush()
+        await tokens.record_usage(r, 30, 20)  # a repeat is charged once
         await permit.release()
-        assert permit.released
+        await tokens.flush()
         snap = await tokens.snapshot()
-        assert (snap.available, snap.consumed, snap.outstanding) == (950, 50, 0)
+        assert (snap.available, snap.consumed, snap.outstanding) == (1_000, 50, 0)
         assert (await units.snapshot()).available == 10
         # And it grants again.
         assert await tokens.try_reserve_tokens(950) is not None
@@ -192,10 +192,10 @@ def test_stopped_server_fails_every_sync_call_closed(redis_server, redis_url):
             with _fails():
                 tokens.reserve_tokens_blocking(10, timeout=5)
             with _fails():
-                tokens.record_usage_sync(r, 30, 20)
-            assert r.armed
-            with _fails():
                 tokens.extend_sync(r, 60)
+            with _fails():
+                tokens.record_usage_sync(r, 30, 20)
+            assert not r.armed
             with _fails():
                 tokens.snapshot_sync()
             with _fails():
@@ -210,7 +210,7 @@ def test_stopped_server_fails_every_sync_call_closed(redis_server, redis_url):
                 units.reserve_blocking(1, timeout=5)
             with _fails():
                 permit.release_sync()
-            assert not permit.released
+            assert permit.released
             with _fails():
                 units.snapshot_sync()
             with _fails():
@@ -223,16 +223,14 @@ def test_stopped_server_fails_every_sync_call_closed(redis_server, redis_url):
         finally:
             redis_server.start()
 
-        snap = tokens.snapshot_sync()  # carries the pending refund: no such lease any more
-        assert (snap.available, snap.debt, snap.consumed) == (1_000, 0, 0)
+        snap = tokens.snapshot_sync()  # carries what is owed, as in the async test
+        assert (snap.available, snap.debt, snap.consumed) == (1_000, 0, 50)
         assert (snap.reserved, snap.outstanding, snap.reclaimed) == (0, 0, 0)
         assert units.snapshot_sync().available == 10
         tokens.record_usage_sync(r, 30, 20)
-        assert not r.armed
         permit.release_sync()
-        assert permit.released
         snap = tokens.snapshot_sync()
-        assert (snap.available, snap.consumed, snap.outstanding) == (950, 50, 0)
+        assert (snap.available, snap.consumed, snap.outstanding) == (1_000, 50, 0)
         assert units.snapshot_sync().available == 10
         assert tokens.try_reserve_tokens_sync(950) is not None
         del hog
@@ -323,14 +321,13 @@ def test_record_whose_reply_was_lost_is_retried_and_charged_once_sync(cutter, re
         with _fails():
             tokens.record_usage_sync(r, 150, 100)
         assert cutter.cuts == 1
-        assert r.armed  # the client does not know it was recorded
+        assert not r.armed  # the client does not know it was recorded: it will re-send it
         snap = watcher.snapshot_sync()
         assert (snap.consumed, snap.available, snap.outstanding) == (250, 750, 0)
-        tokens.record_usage_sync(r, 150, 100)  # the retry: the server knows it, charges nothing
-        assert not r.armed
+        tokens.flush_sync()  # the re-send: the server knows its id, charges nothing
         assert watcher.snapshot_sync() == snap
-        with pytest.raises(ValueError, match="already reconciled"):
-            tokens.record_usage_sync(r, 150, 100)
+        tokens.record_usage_sync(r, 150, 100)  # so does a caller's repeat
+        assert watcher.snapshot_sync() == snap
     finally:
         client.close()
         watch.close()
@@ -346,11 +343,11 @@ async def test_record_whose_reply_was_lost_is_retried_and_charged_once_async(cut
         cutter.cut_next_reply()
         with _fails():
             await tokens.record_usage(r, 200, 300)  # over the estimate
-        assert r.armed
+        assert not r.armed
         snap = watcher.snapshot_sync()
         assert (snap.consumed, snap.available, snap.outstanding) == (500, 500, 0)
+        await tokens.flush()
         await tokens.record_usage(r, 200, 300)
-        assert not r.armed
         assert watcher.snapshot_sync() == snap
     finally:
         await aclient.aclose()
