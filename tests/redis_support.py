@@ -11,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +83,25 @@ class RedisServer:
                 log = (self.dir / "redis.log").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"redis-server did not start on {self.port}:\n{log}")
             time.sleep(0.02)
+
+    @contextlib.contextmanager
+    def stalled(self, seconds: float) -> Iterator[None]:
+        """Freeze the server (SIGSTOP) for ``seconds`` from now, then let it go on (SIGCONT).
+
+        The block runs while it is frozen (and may outlast the stall): commands sent meanwhile
+        wait in the socket buffers and run once it resumes, as after a GC pause or a slow disk.
+        Leaving the block always resumes it.
+        """
+        process = self.process
+        assert process is not None, "the server is not running"
+        process.send_signal(signal.SIGSTOP)
+        resume = threading.Timer(seconds, process.send_signal, (signal.SIGCONT,))
+        resume.start()
+        try:
+            yield
+        finally:
+            resume.join()
+            process.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
         process, self.process = self.process, None
