@@ -281,6 +281,11 @@ def test_construction_errors(cls, sclient):
     for bad_rate in [-1.0, -1, math.nan, math.inf, -math.inf, 2**33, 1e12, 1e300]:
         with pytest.raises(ValueError, match="rate"):
             cls(unique(), 10, rate=bad_rate, sync_client=sclient)
+    # A rate so small that its stored fraction would be 0: the budget would never refill.
+    # Seen before the fix: accepted, and stored as rate 0.
+    for tiny_rate in [1e-10, 1e-12, 5e-324]:
+        with pytest.raises(ValueError, match="rate must be 0 or at least"):
+            cls(unique(), 10, rate=tiny_rate, sync_client=sclient)
     for bad_rate in ["1", None, [1.0], 1j]:
         with pytest.raises(TypeError, match="rate"):
             cls(unique(), 10, rate=bad_rate, sync_client=sclient)
@@ -288,6 +293,11 @@ def test_construction_errors(cls, sclient):
     for bad_lease in [0, 0.0, -1.0, math.nan]:
         with pytest.raises(ValueError, match="lease"):
             cls(unique(), 10, lease=bad_lease, sync_client=sclient)
+    # A lease that rounds to 0 microseconds would expire as it is granted: the budget would
+    # stop limiting. Seen before the fix: accepted, and every grant came straight back.
+    for tiny_lease in [1e-7, 4.9e-7, 5e-324]:
+        with pytest.raises(ValueError, match="lease must be at least"):
+            cls(unique(), 10, lease=tiny_lease, sync_client=sclient)
 
     with pytest.raises(TypeError, match="client"):
         cls(unique(), 10)
@@ -303,6 +313,8 @@ def test_construction_accepts_the_edges(cls, sclient):
     zero = cls(unique("zero"), np.int64(0), sync_client=sclient)
     assert zero.capacity == 0
     assert zero.snapshot_sync().utilization == 0.0
+    assert cls(unique("slow"), 5, rate=1e-9, sync_client=sclient).snapshot_sync().rate == 1e-9
+    assert cls(unique("short"), 5, lease=1e-6, sync_client=sclient).lease == 1e-6
     rated = cls(
         unique("rated"), np.uint32(5), rate=np.float64(2.5), lease=0.001, sync_client=sclient
     )
@@ -711,6 +723,25 @@ async def test_attaching_with_other_values_raises_on_the_first_call(aclient, scl
     with pytest.raises(ValueError, match="reconfigure"):
         RedisBudget(rated.name, 10, rate=100 / 60, sync_client=sclient).snapshot_sync()
     await same.record_usage(r, 0, 0)
+
+
+@pytest.mark.parametrize("first", [RedisBudget, RedisTokenBudget])
+def test_a_unit_and_a_token_budget_cannot_share_a_name(first, sclient):
+    name = unique("clash")
+    stored = first(name, 100, sync_client=sclient)
+    assert stored.snapshot_sync().available == 100
+    other = RedisTokenBudget if first is RedisBudget else RedisBudget
+    for reconfigure in (False, True):
+        clash = other(name, 100, sync_client=sclient, reconfigure=reconfigure)
+        with pytest.raises(ValueError) as info:
+            clash.snapshot_sync()
+        message = str(info.value)
+        # Seen before the fix: "...; pass reconfigure=True to store this object's values",
+        # which fails the same way.
+        assert "pass reconfigure=True" not in message, message
+        assert "reconfigure=True cannot change a budget's kind" in message, message
+        assert "another name" in message, message
+    assert stored.snapshot_sync().available == 100
 
 
 @pytest.mark.asyncio
