@@ -733,7 +733,7 @@ def test_a_unit_and_a_token_budget_cannot_share_a_name(first, sclient):
     other = RedisTokenBudget if first is RedisBudget else RedisBudget
     for reconfigure in (False, True):
         clash = other(name, 100, sync_client=sclient, reconfigure=reconfigure)
-        with pytest.raises(ValueError) as info:
+        with pytest.raises(ValueError, match="stored as") as info:
             clash.snapshot_sync()
         message = str(info.value)
         # Seen before the fix: "...; pass reconfigure=True to store this object's values",
@@ -1530,9 +1530,10 @@ def test_call_outcomes_are_kept_ten_minutes_then_forgotten_64_a_call(sclient):
     assert sclient.zcard(forget) == 70
     assert sclient.hlen(calls) == 70
     assert set(sclient.hvals(calls)) == {b"leased", b"done"}
-    assert sclient.zscore(forget, sclient.zrange(forget, 0, 0)[0]) > (
-        time.time() + KEEP_SECONDS - 60
-    ) * 1e6
+    assert (
+        sclient.zscore(forget, sclient.zrange(forget, 0, 0)[0])
+        > (time.time() + KEEP_SECONDS - 60) * 1e6
+    )
     sclient.eval(
         """
         local v = {cmsgpack.unpack(redis.call('GET', KEYS[1]))}

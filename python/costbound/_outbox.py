@@ -107,7 +107,7 @@ class Outbox:
             return batch
 
     def sent(self, batch: list[Call]) -> None:
-        """The store applied (or had applied) every call of ``batch``."""
+        """Forget ``batch``: the store applied (or had applied) every call of it."""
         if not batch:
             return
         with _LOCK:
@@ -117,7 +117,7 @@ class Outbox:
             self._settle()
 
     def put_back(self, batch: list[Call]) -> None:
-        """Sending ``batch`` failed: queue it again, ahead of the calls queued since."""
+        """Queue ``batch`` again (its send failed), ahead of the calls queued since."""
         if not batch:
             return
         with _LOCK:

@@ -428,9 +428,7 @@ class _RedisBase:
     async def _try_lease(self, method: str, wanted: int, waiting: bool) -> Lease | Denied:
         core = self._core
         lease = core.lease(_outbox.next_id(), wanted, asyncio.get_running_loop())
-        reply = await core.call(
-            method, LEASE, lease.id, wanted, core.lease_micros, waiting=waiting
-        )
+        reply = await core.call(method, LEASE, lease.id, wanted, core.lease_micros, waiting=waiting)
         return lease if reply[0] == 1 else core.denied(reply, wanted)
 
     def _try_lease_sync(self, method: str, wanted: int, waiting: bool) -> Lease | Denied:
@@ -574,7 +572,7 @@ class RedisTokenBudget(_RedisBase):
     def _settle_args(
         self, reservation: object, prompt: object, completion: object, method: str
     ) -> tuple[Lease, int]:
-        """The lease and the usage to settle (a settlement owed: the figure it was sent with)."""
+        """Give the lease and the usage to settle (if owed: the figure first sent)."""
         used = amount(prompt, "prompt") + amount(completion, "completion")
         if not isinstance(reservation, TokenReservation):
             raise TypeError(
@@ -678,9 +676,10 @@ def _owe_or_unclaim(core: Core, lease: Lease, call_id: str) -> bool:
 
 
 def _owed_figure(lease: Lease) -> int:
-    """The figure (usage, refund) that the owed call ending ``lease`` was first sent with."""
-    assert lease.owed is not None  # noqa: S101 - the callers checked
-    return int(lease.owed.second)  # type: ignore[call-overload]
+    """Give the figure (usage, refund) that the owed call ending ``lease`` was sent with."""
+    assert lease.owed is not None  # the callers checked
+    figure: int = lease.owed.second  # type: ignore[assignment] # an int when owed
+    return figure
 
 
 def _snapshot(reply: list[Any]) -> Snapshot:

@@ -54,7 +54,7 @@ def blocking_twin(client: Any, timeout: float) -> Any:  # noqa: ANN401 - a redis
     settings = {k: v for k, v in pool.connection_kwargs.items() if k in _PORTABLE}
     kind = pool.connection_class.__name__
     if "SSL" in kind:
-        connection_class: type[redis.Connection] = redis.SSLConnection
+        connection_class: type[Any] = redis.SSLConnection
     elif "Unix" in kind or "path" in settings:
         connection_class = redis.UnixDomainSocketConnection
     else:

@@ -114,7 +114,7 @@ def seconds(
 
 
 def lease_micros(value: object) -> int:
-    """The lease duration in whole microseconds (the server's unit); at least one."""
+    """Give the lease duration in whole microseconds (the server's unit); at least one."""
     lease = seconds(value, "lease", finite=True)
     micros = round((lease or 0.0) * 1e6)
     if micros < 1:
@@ -299,7 +299,7 @@ class Core(Waiting):
 
     # -- one script call ----------------------------------------------------------------------
 
-    def _argv(
+    def _argv(  # noqa: PLR0917 - the script's arguments, in its order
         self,
         operation: bytes,
         call_id: object,
@@ -309,7 +309,7 @@ class Core(Waiting):
         queued: list[Call],
         config_mode: bytes,
     ) -> tuple[object, ...]:
-        """The script's KEYS and ARGV, in the order main.lua reads them."""
+        """Give the script's KEYS and ARGV, in the order main.lua reads them."""
         config = (config_mode, *self.conf) if config_mode else (_NONE,)
         flag = b"1" if waiting else b"0"
         if not queued:
@@ -328,7 +328,7 @@ class Core(Waiting):
     def _unknown(
         self, queued: list[Call], operation: bytes, call_id: str, first: object, second: object
     ) -> None:
-        """A call raised or was cancelled: owe what makes its outcome (and the batch's) certain."""
+        """Owe what makes certain the outcome of a call that raised or was cancelled."""
         self.outbox.put_back(queued)
         if operation in _RESENT:
             self.outbox.put(Call(operation, call_id, first, second))
@@ -355,8 +355,7 @@ class Core(Waiting):
             )
         mine = _describe(*(_text(x) for x in self.conf))
         return (
-            f"{stored}; this object has {mine}; pass reconfigure=True to store this object's "
-            "values"
+            f"{stored}; this object has {mine}; pass reconfigure=True to store this object's values"
         )
 
     def _failed(self, method: str, error: BaseException) -> BackendError:
@@ -439,7 +438,7 @@ class Core(Waiting):
         raise TypeError(f"{self.owner}.{method} needs {which}= ({what}); none was given")
 
     def owed_call(self, call_id: str) -> Call | None:
-        """The call ``call_id`` if it waits in the outbox to be sent (again), else ``None``."""
+        """Give the call ``call_id`` if the outbox owes it, else ``None``."""
         return next((call for call in self.outbox.owed() if call.id == call_id), None)
 
     # -- reading replies ----------------------------------------------------------------------
@@ -543,5 +542,3 @@ def _describe(kind: str, cap: str, rp: str, rq: str) -> str:
     what = "a unit budget" if kind == "u" else "a token budget"
     rate = Fraction(int(rp), int(rq))
     return f"{what} of capacity {cap} and rate {float(rate):g}/s"
-
-

@@ -1,6 +1,7 @@
-"""Waiting for room on a Redis budget: a first-come-first-served line per process, woken by
-messages that releases and refunds publish on the budget's channel (pub/sub), with a slow poll
-as fallback and a timer for rate refill.
+"""Waiting for room on a Redis budget: a first-come-first-served line per process.
+
+Waiters are woken by messages that releases and refunds publish on the budget's channel
+(pub/sub), with a slow poll as fallback and a timer for rate refill.
 """
 
 from __future__ import annotations
@@ -169,7 +170,6 @@ class Waiting:
             self._leave(wake)
             if listener is not None:
                 listener.leave()
-
 
 
 def check_fits(verdict: Denied, wanted: int) -> None:
