@@ -1519,37 +1519,58 @@ async def _cancel_while_granting(aclient, sclient, kind):
         assert budget.snapshot_sync().available == budget.capacity
 
 
-def test_call_outcomes_are_kept_ten_minutes_then_forgotten_64_a_call(sclient):
-    # Every state-changing call's outcome is kept under its id for max(lease, KEEP_SECONDS)
-    # (to answer a retried or re-sent call) and no longer: each call forgets up to 64 that are
-    # due. The wait is simulated by ageing the forget times and the budget's hint on the server.
-    tb = RedisTokenBudget(unique("outcomes"), 1_000, sync_client=sclient)
-    for _ in range(35):  # a lease and a settlement each: 70 ids
-        tb.record_usage_sync(tb.try_reserve_tokens_sync(1), 1, 0)
-    _, _, calls, forget = tb.keys
-    assert sclient.zcard(forget) == 70
-    assert sclient.hlen(calls) == 70
-    assert set(sclient.hvals(calls)) == {b"leased", b"done"}
-    assert (
-        sclient.zscore(forget, sclient.zrange(forget, 0, 0)[0])
-        > (time.time() + KEEP_SECONDS - 60) * 1e6
-    )
-    sclient.eval(
+def _age_call_outcomes(client: redis.Redis, budget: Any) -> None:
+    """Make the budget's current generation of call outcomes due (as if its time had passed)."""
+    client.eval(
         """
         local v = {cmsgpack.unpack(redis.call('GET', KEYS[1]))}
-        v[14] = 1  -- next_forget: due
+        v[14] = 1  -- calls_since: long ago
         redis.call('SET', KEYS[1], cmsgpack.pack(unpack(v)))
-        for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-          redis.call('ZADD', KEYS[2], 1, id)
-        end
         """,
-        2,
-        tb.keys[0],
-        forget,
+        1,
+        budget.keys[0],
     )
-    tb.refill_sync()  # one more id; 64 of the 70 are forgotten
-    assert sclient.zcard(forget) == sclient.hlen(calls) == 70 - 64 + 1
-    tb.refill_sync()  # the 6 left are due too: gone
-    assert sclient.zcard(forget) == sclient.hlen(calls) == 2
+
+
+def _stored_field(client: redis.Redis, budget: Any, position: int) -> Any:
+    return client.eval(
+        "return ({cmsgpack.unpack(redis.call('GET', KEYS[1]))})[tonumber(ARGV[1])]",
+        1,
+        budget.keys[0],
+        position,
+    )
+
+
+def test_call_outcomes_are_kept_at_least_max_lease_and_ten_minutes(sclient):
+    # Every state-changing call's outcome is kept under its id (to answer a retried or re-sent
+    # call) for max(lease, KEEP_SECONDS) at least: in two generations that last that long each.
+    # Time passing is simulated by ageing the current generation on the server.
+    tb = RedisTokenBudget(unique("outcomes"), 1_000, sync_client=sclient)
+    first = tb.try_reserve_tokens_sync(1)
+    tb.record_usage_sync(first, 1, 0)
+    for _ in range(34):  # a lease and a settlement each: 70 ids
+        tb.record_usage_sync(tb.try_reserve_tokens_sync(1), 1, 0)
+    _, _, calls, prior = tb.keys
+    assert sclient.hlen(calls) == 70
+    assert set(sclient.hvals(calls)) == {b"leased", b"done"}
+    assert _stored_field(sclient, tb, 15) == KEEP_SECONDS * 1_000_000  # the lease is shorter
+    long = RedisTokenBudget(tb.name, 1_000, lease=3_600.0, sync_client=sclient)
+    long.refill_sync()
+    assert _stored_field(sclient, tb, 15) == 3_600 * 1_000_000  # a longer lease keeps longer
+
+    def settle_first_again() -> None:
+        lease = first._lease
+        tb._core.call_sync("test", b"settle", lease.settle_id, lease.member, 1)
+
+    _age_call_outcomes(sclient, tb)
+    tb.refill_sync()  # due: the current generation becomes the prior one
+    assert (sclient.hlen(prior), sclient.hlen(calls)) == (71, 1)
+    settle_first_again()  # still known: answered, not charged again
+    assert tb.snapshot_sync().consumed == 35
+
+    _age_call_outcomes(sclient, tb)
+    tb.refill_sync()  # the prior generation is dropped
+    assert (sclient.hlen(prior), sclient.hlen(calls)) == (1, 1)
+    settle_first_again()  # forgotten after its time: a re-send this late would count again
     snap = tb.snapshot_sync()
-    assert (snap.available, snap.consumed, snap.outstanding) == (1_000, 35, 0)
+    assert (snap.available, snap.consumed, snap.outstanding) == (999, 36, 0)

@@ -273,7 +273,7 @@ class Core(Waiting):
         self.owner = owner
         self.name = name
         tag = "{" + name + "}"
-        self.keys: Final = (tag, tag + ":leases", tag + ":calls", tag + ":forget")
+        self.keys: Final = (tag, tag + ":leases", tag + ":calls", tag + ":calls:prior")
         self.channel = tag + ":room"
         # The number of keys and the keys, encoded once (redis-py passes bytes through).
         self.head: Final = (len(self.keys), *(key.encode() for key in self.keys))
