@@ -51,7 +51,7 @@ from costbound.redis._script import (
 from costbound.redis._wait import Denied, Waiting
 
 try:
-    from redis.exceptions import NoScriptError, RedisError
+    from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 except ImportError as error:  # pragma: no cover - the extra is missing
     raise ImportError("costbound.redis needs redis-py: pip install 'costbound[redis]'") from error
 
@@ -67,8 +67,9 @@ _LONGEST: Final = 1e9
 _BATCH: Final = 64
 
 # Redis unreachable, timing out or failing a script; an interrupted connection may surface as
-# an OSError or asyncio's own TimeoutError (not the builtin on Python 3.10).
-_FAILURES = (RedisError, OSError, asyncio.TimeoutError)
+# an OSError or asyncio's own TimeoutError (not the builtin on Python 3.10), and a cluster that
+# cannot be reached as a RedisClusterException (which is not a RedisError).
+_FAILURES = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 
 # What makes certain a call whose outcome is unknown: re-sending it, or rolling it back.
 _RESENT: Final = frozenset({GIVE, REFILL, SETTLE, UNLEASE})
