@@ -34,7 +34,10 @@ from costbound.redis import RedisBudget, RedisTokenBudget
 url, tokens_name, units_name, mode = sys.argv[1:5]
 sync = redis.Redis.from_url(url)
 aclient = redis.asyncio.Redis.from_url(url)
-kw = {"lease": 600.0, "client": aclient, "sync_client": sync}
+# Each mode has one kind of client: the sends at exit make their own blocking connection from
+# its settings (an asyncio client's loop is gone by then).
+kw = {"lease": 600.0}
+kw.update(sync_client=sync) if mode == "sync" else kw.update(client=aclient)
 tokens = RedisTokenBudget(tokens_name, 1_000, **kw)
 units = RedisBudget(units_name, 10, **kw)
 
@@ -140,3 +143,31 @@ async def test_a_refund_task_cancelled_before_it_ran_is_queued_again(redis_url):
         assert (snap.available, snap.outstanding) == (1_000, 0)
     finally:
         await aclient.aclose()
+
+
+def test_a_refund_queued_on_a_thread_inside_the_outbox_does_not_deadlock(redis_url):
+    # A collection may run while this thread is inside the outbox (any allocation can trigger
+    # one) and drop a reservation there: its refund is queued on the same thread. Seen with a
+    # plain lock: the process hung.
+    code = textwrap.dedent(
+        """
+        import sys, redis
+        from costbound import _outbox
+        from costbound.redis import RedisTokenBudget
+        tb = RedisTokenBudget(sys.argv[2], 100, sync_client=redis.Redis.from_url(sys.argv[1]))
+        r = tb.try_reserve_tokens_sync(10)
+        with _outbox._LOCK:  # as inside Outbox.take when a collection runs a finalizer
+            del r
+        tb.flush_sync()
+        print(tb.snapshot_sync().available)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, redis_url, unique("reentrant")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "100\n"

@@ -67,7 +67,9 @@ class Call:
         return f"<Call {self.operation.decode()} {self.id} {self.first!r} {self.second!r}>"
 
 
-_LOCK = threading.Lock()
+# Reentrant: a reservation collected by the garbage collector while this thread holds the lock
+# (any allocation may run a collection) queues its refund here, on the same thread.
+_LOCK = threading.RLock()
 #: Outboxes that hold calls (strongly: a budget object may be gone while its calls are owed).
 _OWING: set[Outbox] = set()
 
@@ -165,7 +167,7 @@ def _send_at_exit() -> None:
 
 def _after_fork_in_child() -> None:
     global _LOCK, next_id  # noqa: PLW0603 - a fork replaces the process-wide state
-    _LOCK = threading.Lock()  # another thread may have held it at the fork
+    _LOCK = threading.RLock()  # another thread may have held it at the fork
     next_id = _fresh_ids()
     for outbox in _OWING:
         outbox.clear()

@@ -242,7 +242,9 @@ class RedisPermit:
         # A dropped permit gives its units back as a dropped reservation does (without blocking).
         lease = self._lease
         if not lease.used:
-            lease(lease.amount)
+            # At interpreter shutdown this may fail: the lease then ends by itself.
+            with contextlib.suppress(Exception):
+                lease(lease.amount)
 
     def __repr__(self) -> str:
         state = "released" if self.released else "held"
