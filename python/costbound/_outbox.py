@@ -7,7 +7,8 @@ puts it, or the rollback that undoes it, in its :class:`Outbox`, and sends it ag
 same id, on the budget's next call, on ``flush()``, and at interpreter exit. Re-sending is safe
 however often it happens, since the store answers a known id with the outcome it kept.
 
-At a normal interpreter exit, :func:`_send_at_exit` sends what every outbox still holds, in 2
+At a normal interpreter exit, :func:`_send_at_exit` collects garbage (so that reservations
+dropped in reference cycles queue their refunds) and sends what every outbox still holds, in 2
 seconds at most in all, through each backend's ``exit_sender`` (a synchronous connection made
 for the purpose: an asyncio client's event loop is gone by then). Calls a sender had taken but
 whose send never finished (a task on an event loop that closed) are sent again too: their ids
@@ -21,6 +22,7 @@ import atexit
 import base64
 import collections
 import functools
+import gc
 import itertools
 import os
 import threading
@@ -144,6 +146,10 @@ class Outbox:
 
 def _send_at_exit() -> None:
     deadline = time.monotonic() + EXIT_SECONDS
+    # Reservations and permits dropped in reference cycles (an asyncio task's result, a frame
+    # kept by a traceback) are otherwise finalized after this runs: collect them now, so that
+    # their refunds are queued and sent too.
+    gc.collect()
     with _LOCK:
         owing = list(_OWING)
     for outbox in owing:

@@ -24,12 +24,14 @@ symmetric counters without identity, as in the seed: units a crashed holder took
 back only by ``refill`` or ``rate``.
 
 Every call that changes state carries an id made by the client, and the server applies each id
-once, keeping its outcome for ``max(lease, KEEP_SECONDS)`` seconds: redis-py's own retries (an
-ordinary ``redis.Redis(host, port)`` retries a command after a timeout) never take or give
-twice. A call that raised ``BackendError`` or was cancelled is made certain by the library: a
-``try_reserve`` or a grant is rolled back by its id, and a ``release``, ``refill``,
-``record_usage`` or refund is re-sent with its id on the budget's next call, on ``flush()``, and
-at interpreter exit. Do not repeat such a call yourself (a repeated ``release`` gives twice).
+once, keeping its outcome for at least ``max(lease, KEEP_SECONDS)`` seconds: redis-py's own
+retries (an ordinary ``redis.Redis(host, port)`` retries a command after a timeout) never take
+or give twice. A call that raised ``BackendError`` or was cancelled is made certain by the
+library: a ``try_reserve`` or a grant is rolled back by its id, and a ``release``, ``refill``,
+``record_usage`` or refund is re-sent with its id on the budget's next call, on ``flush()``,
+and at interpreter exit (bounded to 2 seconds in all), as are the refunds of dropped
+reservations and the releases of dropped permits. Do not repeat such a call yourself (a
+repeated ``release`` gives twice).
 
 Amounts and capacities are exact up to ``2**53 - 1`` (Lua's numbers are doubles); a capacity
 above that is a ValueError, and sums saturate there. The rate is stored as a fraction p/q per
@@ -40,11 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Coroutine, Generator
-from dataclasses import dataclass
-from fractions import Fraction
-from types import TracebackType
-from typing import Any, TypeVar, cast
 
 from costbound import _outbox
 from costbound._admit import _refuse_on_a_loop
@@ -58,6 +55,15 @@ from costbound.redis._core import (
     lease_micros,
     rate_fraction,
     seconds,
+)
+from costbound.redis._held import (
+    RedisPermit,
+    RedisReservation,
+    Snapshot,
+    _Request,
+    owe_or_unclaim,
+    owed_figure,
+    snapshot_of,
 )
 from costbound.redis._script import (
     EXTEND,
@@ -81,229 +87,6 @@ __all__ = [
     "RedisTokenBudget",
     "Snapshot",
 ]
-
-_T = TypeVar("_T")
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """A Redis budget's state as the server holds it at one moment.
-
-    ``reserved`` is the sum of the outstanding leases (token reservations and permits from
-    ``reserve``), ``outstanding`` their number, ``reclaimed`` the number of leases given back by
-    expiry since the budget was created.
-    """
-
-    capacity: int
-    rate: float
-    available: int
-    debt: int
-    consumed: int
-    reserved: int
-    outstanding: int
-    reclaimed: int
-
-    @property
-    def utilization(self) -> float:
-        """``(capacity - available) / capacity`` in ``[0, 1]``; ``0.0`` when capacity is 0."""
-        if self.capacity == 0:
-            return 0.0
-        return (self.capacity - self.available) / self.capacity
-
-
-class RedisReservation(TokenReservation):
-    """A token reservation on a :class:`RedisTokenBudget`: a lease with a fleet-wide id.
-
-    Dropping it armed refunds the estimate without blocking (on the event loop it was granted
-    on, or with the budget's next call); if that refund never reaches the server, the lease
-    returns the estimate when it expires. A process created by ``fork`` never refunds the
-    reservations it inherited.
-    """
-
-    __slots__ = ("_lease",)
-
-    _lease: Lease
-
-    def __new__(cls, lease: Lease) -> RedisReservation:
-        """Wrap a lease the server granted (budgets make these; users never need to)."""
-        reservation = cast("RedisReservation", super().__new__(cls, lease.amount, lease))
-        reservation._lease = lease
-        return reservation
-
-    @property
-    def lease_id(self) -> str:
-        """The id under which the server holds this reservation."""
-        return self._lease.id
-
-
-class RedisPermit:
-    """Units leased from a :class:`RedisBudget` by ``reserve``: give them back with ``release``.
-
-    Usable with ``async with`` (and ``with`` when it came from ``reserve_blocking``). A permit that
-    is never released comes back when its lease expires; ``extend`` pushes that out.
-    """
-
-    __slots__ = ("_core", "_lease")
-
-    def __init__(self, core: Core, lease: Lease) -> None:
-        self._core = core
-        self._lease = lease
-
-    @property
-    def cost(self) -> int:
-        """The units this permit holds."""
-        return self._lease.amount
-
-    @property
-    def lease_id(self) -> str:
-        """The id under which the server holds this permit."""
-        return self._lease.id
-
-    @property
-    def released(self) -> bool:
-        """Whether ``release`` gave the units back (or ``spend`` used them up)."""
-        return self._lease.used
-
-    async def _end(self, method: str, refund: int) -> None:
-        lease, core = self._lease, self._core
-        fresh = lease.claim()
-        if not fresh and lease.owed is None:
-            return  # given back already
-        refund = refund if fresh else _owed_figure(lease)
-        try:
-            await core.call(method, UNLEASE, lease.end_id, lease.member, refund)
-        except BaseException:
-            if fresh:
-                _owe_or_unclaim(core, lease, lease.end_id)
-            raise
-
-    def _end_sync(self, method: str, refund: int) -> None:
-        lease, core = self._lease, self._core
-        fresh = lease.claim()
-        if not fresh and lease.owed is None:
-            return
-        refund = refund if fresh else _owed_figure(lease)
-        try:
-            core.call_sync(method, UNLEASE, lease.end_id, lease.member, refund)
-        except BaseException:
-            if fresh:
-                _owe_or_unclaim(core, lease, lease.end_id)
-            raise
-
-    async def release(self) -> None:
-        """Give the units back, once; later calls do nothing.
-
-        On ``BackendError`` (or a cancellation) the release is kept and re-sent, with the id it
-        was sent with, by the budget's next call, ``flush()`` or the exit: the permit counts as
-        released. Calling ``release`` again sends it again under the same id (given back once).
-        """
-        await self._end("release", self._lease.amount)
-
-    def release_sync(self) -> None:
-        """Do what :meth:`release` does, with the blocking client."""
-        self._end_sync("release_sync", self._lease.amount)
-
-    async def spend(self) -> None:
-        """End the lease without giving the units back: they were used up.
-
-        For a budget that limits a rate (requests per minute), a request spends its unit:
-        it comes back only by ``rate`` or ``refill``, not when the lease ends. Afterwards the
-        permit counts as released and ``release`` does nothing.
-        """
-        await self._end("spend", 0)
-
-    def spend_sync(self) -> None:
-        """Do what :meth:`spend` does, with the blocking client."""
-        self._end_sync("spend_sync", 0)
-
-    async def __aenter__(self) -> RedisPermit:
-        return self
-
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.release()
-
-    def __enter__(self) -> RedisPermit:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.release_sync()
-
-    def __del__(self) -> None:
-        # A dropped permit gives its units back as a dropped reservation does (without blocking).
-        lease = self._lease
-        if not lease.used:
-            # At interpreter shutdown this may fail: the lease then ends by itself.
-            with contextlib.suppress(Exception):
-                lease(lease.amount)
-
-    def __repr__(self) -> str:
-        state = "released" if self.released else "held"
-        return f"<RedisPermit {self.cost} on {self._core.name!r}, {state}>"
-
-
-class _Request(Coroutine[Any, Any, _T]):
-    """What ``reserve`` / ``reserve_tokens`` return: awaitable, and an async context manager.
-
-    It is a coroutine, so ``asyncio.create_task`` takes it; like one, it takes nothing until it
-    is awaited (and one never awaited takes nothing, without a warning).
-    """
-
-    __slots__ = ("_acquire", "_exit", "_held", "_running")
-
-    def __init__(
-        self,
-        acquire: Callable[[], Coroutine[Any, Any, _T]],
-        leave: Callable[[_T], Awaitable[None]],
-    ) -> None:
-        self._acquire = acquire
-        self._exit = leave
-        self._held: _T | None = None
-        self._running: Coroutine[Any, Any, _T] | None = None
-
-    def _coroutine(self) -> Coroutine[Any, Any, _T]:
-        if self._running is None:
-            self._running = self._acquire()
-        return self._running
-
-    def __await__(self) -> Generator[Any, None, _T]:
-        return self._coroutine().__await__()
-
-    def send(self, value: Any) -> Any:  # noqa: ANN401 - the coroutine protocol
-        """Advance the wait (the coroutine protocol)."""
-        return self._coroutine().send(value)
-
-    def throw(self, *error: Any) -> Any:  # noqa: ANN401 - the coroutine protocol
-        """Raise into the wait (the coroutine protocol)."""
-        return self._coroutine().throw(*error)
-
-    def close(self) -> None:
-        """Close the wait if it started (the coroutine protocol)."""
-        if self._running is not None:
-            self._running.close()
-
-    async def __aenter__(self) -> _T:
-        self._held = await self._acquire()
-        return self._held
-
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        held, self._held = self._held, None
-        if held is not None:
-            await self._exit(held)
 
 
 class _RedisBase:
@@ -379,11 +162,11 @@ class _RedisBase:
 
     async def snapshot(self) -> Snapshot:
         """Read the budget's state as the server holds it now."""
-        return _snapshot(await self._core.call("snapshot", SNAPSHOT))
+        return snapshot_of(await self._core.call("snapshot", SNAPSHOT))
 
     def snapshot_sync(self) -> Snapshot:
         """Do what :meth:`snapshot` does, with the blocking client."""
-        return _snapshot(self._core.call_sync("snapshot_sync", SNAPSHOT))
+        return snapshot_of(self._core.call_sync("snapshot_sync", SNAPSHOT))
 
     async def flush(self) -> None:
         """Send now every call this object still owes the server, each with its first id.
@@ -516,7 +299,8 @@ class RedisBudget(_RedisBase):
 
         On ``BackendError`` (or a cancellation) the release is kept and re-sent with its id by
         the budget's next call, ``flush()`` or the exit: do not call ``release`` again for it,
-        or the units are given back twice.
+        or the units are given back twice. (A task cancelled before it ever ran never called
+        it: asyncio runs none of a coroutine that is cancelled before its first step.)
         """
         cost = min(amount(cost, "cost"), MAX_AMOUNT)
         await self._core.call("release", GIVE, _outbox.next_id(), cost)
@@ -582,7 +366,7 @@ class RedisTokenBudget(_RedisBase):
             )
         lease = self._held_lease(reservation, method)
         if lease.owed is not None:
-            return lease, _owed_figure(lease)
+            return lease, owed_figure(lease)
         if lease.used or not reservation.armed:
             raise ValueError(f"{method}: the reservation was already reconciled or disarmed")
         return lease, min(used, MAX_AMOUNT)
@@ -603,7 +387,7 @@ class RedisTokenBudget(_RedisBase):
         try:
             await core.call("record_usage", SETTLE, lease.settle_id, lease.member, used)
         except BaseException:
-            if fresh and _owe_or_unclaim(core, lease, lease.settle_id):
+            if fresh and owe_or_unclaim(core, lease, lease.settle_id):
                 reservation.disarm()
             raise
         reservation.disarm()
@@ -618,7 +402,7 @@ class RedisTokenBudget(_RedisBase):
         try:
             core.call_sync("record_usage_sync", SETTLE, lease.settle_id, lease.member, used)
         except BaseException:
-            if fresh and _owe_or_unclaim(core, lease, lease.settle_id):
+            if fresh and owe_or_unclaim(core, lease, lease.settle_id):
                 reservation.disarm()
             raise
         reservation.disarm()
@@ -661,38 +445,3 @@ class RedisTokenBudget(_RedisBase):
             await self._core.call(
                 "reserve_tokens", UNLEASE, lease.end_id, lease.member, lease.amount
             )
-
-
-def _owe_or_unclaim(core: Core, lease: Lease, call_id: str) -> bool:
-    """After the call that ends ``lease`` raised: note it if it is owed, else unclaim the lease.
-
-    An owed call (the server may have applied it) is re-sent by the library; one never sent
-    (the kind of client it needs is missing) leaves the lease as it was.
-    """
-    owed = core.owed_call(call_id)
-    if owed is None:
-        lease.unclaim()
-        return False
-    lease.owed = owed
-    return True
-
-
-def _owed_figure(lease: Lease) -> int:
-    """Give the figure (usage, refund) that the owed call ending ``lease`` was sent with."""
-    assert lease.owed is not None  # the callers checked
-    figure: int = lease.owed.second  # type: ignore[assignment] # an int when owed
-    return figure
-
-
-def _snapshot(reply: list[Any]) -> Snapshot:
-    cap, rp, rq, bal, con, held, count, reclaimed = (int(x) for x in reply[1:9])
-    return Snapshot(
-        capacity=cap,
-        rate=float(Fraction(rp, rq)) if rp else 0.0,
-        available=max(bal, 0),
-        debt=max(-bal, 0),
-        consumed=con,
-        reserved=held,
-        outstanding=count,
-        reclaimed=reclaimed,
-    )
