@@ -48,9 +48,9 @@ class RedisReservation(TokenReservation):
     """A token reservation on a :class:`RedisTokenBudget`: a lease with a fleet-wide id.
 
     Dropping it armed refunds the estimate without blocking (on the event loop it was granted
-    on, or with the budget's next call); if that refund never reaches the server, the lease
-    returns the estimate when it expires. A process created by ``fork`` never refunds the
-    reservations it inherited.
+    on, or with the budget's next call, or at interpreter exit); if that refund never reaches
+    the server, the lease returns the estimate when it expires. A process created by ``fork``
+    never refunds the reservations it inherited.
     """
 
     __slots__ = ("_lease",)
@@ -72,8 +72,9 @@ class RedisReservation(TokenReservation):
 class RedisPermit:
     """Units leased from a :class:`RedisBudget` by ``reserve``: give them back with ``release``.
 
-    Usable with ``async with`` (and ``with`` when it came from ``reserve_blocking``). A permit that
-    is never released comes back when its lease expires; ``extend`` pushes that out.
+    Usable with ``async with`` (and ``with`` when it came from ``reserve_blocking``). A permit
+    dropped unreleased is released as a dropped reservation is refunded (without blocking); one
+    whose process died comes back when its lease expires, which ``extend`` pushes out.
     """
 
     __slots__ = ("_core", "_lease")
