@@ -77,6 +77,7 @@ _ROLLED_BACK: Final = frozenset({TAKE, LEASE})
 
 # The configuration argument of the script (main.lua).
 _CHECK, _STORE, _CREATE, _NONE = b"check", b"store", b"create", b""
+_WAITING: Final = (b"waiting",)
 _NOTHING: Final[list[Call]] = []  # no queued calls (never changed)
 
 
@@ -310,21 +311,18 @@ class Core(Waiting):
         queued: list[Call],
         config_mode: bytes,
     ) -> tuple[object, ...]:
-        """Give the script's KEYS and ARGV, in the order main.lua reads them."""
-        config = (config_mode, *self.conf) if config_mode else (_NONE,)
-        flag = b"1" if waiting else b"0"
-        if not queued:
-            return (*self.head, operation, call_id, first, second, self.keep, flag, *config, 0)
-        owed: list[object] = []
-        for call in queued:
-            owed += (call.operation, call.id, call.first, call.second)
-        return (
-            *self.head,
-            *(operation, call_id, first, second, self.keep, flag),
-            *config,
-            len(queued),
-            *owed,
-        )
+        """Give the script's KEYS and ARGV (args.lua): the call, then the sections it needs."""
+        argv = (*self.head, operation, call_id, first, second)
+        if waiting:
+            argv += _WAITING
+        if config_mode:
+            argv += (b"config", config_mode, *self.conf, self.keep)
+        if queued:
+            owed: list[object] = [b"queued", len(queued)]
+            for call in queued:
+                owed += (call.operation, call.id, call.first, call.second)
+            argv += tuple(owed)
+        return argv
 
     def _unknown(
         self, queued: list[Call], operation: bytes, call_id: str, first: object, second: object

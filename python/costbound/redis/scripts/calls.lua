@@ -13,9 +13,11 @@
 --
 -- Outcomes are kept in two generations, two hashes: CALLS_KEY, written since calls_since, and
 -- PRIOR_KEY, the generation before. Once the current one is calls_keep old (the longest `keep`
--- a client sent: max(lease, 10 minutes)), it becomes the prior one and the prior one is
--- dropped (UNLINK: freed in the background). So an outcome is kept at least calls_keep, at
--- most twice that, for one HSET a call: no index of expiry times to maintain.
+-- a client sent with its configuration: max(lease, 10 minutes)), it becomes the prior one and
+-- the prior one is dropped (UNLINK: freed in the background). So an outcome is kept at least
+-- calls_keep, at most twice that, for one HSET a call: no index of expiry times to maintain.
+
+local KEEP_AT_LEAST = 600000000  -- 10 minutes, whatever a state written without calls_keep says
 
 local function recall(call_id)
   local outcome = redis.call('HGET', CALLS_KEY, call_id)
@@ -26,12 +28,13 @@ end
 local function remember(call_id, outcome)
   redis.call('HSET', CALLS_KEY, call_id, outcome)
   if calls_since == 0 then calls_since, dirty = clock(), true end
-  if keep > calls_keep then calls_keep, dirty = keep, true end
 end
 
 -- Start a new generation when the current one is due.
 local function rotate_calls()
-  if calls_since == 0 or clock() < calls_since + calls_keep then return end
+  if calls_since == 0 or clock() < calls_since + math.max(calls_keep, KEEP_AT_LEAST) then
+    return
+  end
   redis.call('UNLINK', PRIOR_KEY)
   redis.pcall('RENAME', CALLS_KEY, PRIOR_KEY)  -- an error (no such key) changes nothing
   calls_since, dirty = 0, true

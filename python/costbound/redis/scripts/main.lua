@@ -16,6 +16,7 @@ if not load_state() then
   if config_mode == '' then return {MISSING} end
   create_state()
 elseif config_mode ~= '' then
+  if keep and keep > calls_keep then calls_keep, dirty = keep, true end
   local same = kind == config_kind and capacity == config_capacity
     and rate_num == config_rate_num and rate_den == config_rate_den
   if not same and (kind ~= config_kind or config_mode == 'check') then

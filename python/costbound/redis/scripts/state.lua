@@ -54,7 +54,7 @@ local function create_state()
                                        config_rate_den
   balance, consumed, refilled_at, carry = capacity, 0, clock(), 0
   held, leases, reclaimed, wanted_until, next_expiry = 0, 0, 0, 0, 0
-  calls_since, calls_keep = 0, 0
+  calls_since, calls_keep = 0, keep or 0
   dirty = true
 end
 
