@@ -11,11 +11,15 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +85,39 @@ class RedisServer:
                 raise RuntimeError(f"redis-server did not start on {self.port}:\n{log}")
             time.sleep(0.02)
 
+    @contextlib.contextmanager
+    def stalled(self, seconds: float) -> Iterator[None]:
+        """Freeze the server (SIGSTOP) for ``seconds`` from now, then let it go on (SIGCONT).
+
+        The block runs while it is frozen (and may outlast the stall): commands sent meanwhile
+        wait in the socket buffers and run once it resumes, as after a GC pause or a slow disk.
+        Leaving the block always resumes it.
+        """
+        process = self.process
+        assert process is not None, "the server is not running"
+        process.send_signal(signal.SIGSTOP)
+        resume = threading.Timer(seconds, process.send_signal, (signal.SIGCONT,))
+        resume.start()
+        try:
+            yield
+        finally:
+            resume.join()
+            process.send_signal(signal.SIGCONT)
+
+    def send_owed(self) -> None:
+        """Send what budgets still owe (permits and reservations the tests dropped unsettled).
+
+        The library sends them at interpreter exit; by then this server is gone, and each
+        would be reported as not sent. Sent now, while it runs, they are not.
+        """
+        if self.process is None:
+            return
+        from costbound import _outbox
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # those owed to another (closed) server
+            _outbox._send_at_exit()
+
     def stop(self) -> None:
         process, self.process = self.process, None
         if process is not None:
@@ -92,6 +129,7 @@ class RedisServer:
                 process.wait()
 
     def close(self) -> None:
+        self.send_owed()
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -36,6 +36,7 @@ import redis.asyncio
 import redis.exceptions
 from costbound import AtomicTokenBudget, BackendError, TokenReservation
 from costbound.redis import (
+    KEEP_SECONDS,
     MAX_AMOUNT,
     RedisBudget,
     RedisPermit,
@@ -43,7 +44,7 @@ from costbound.redis import (
     RedisTokenBudget,
     Snapshot,
 )
-from costbound.redis import _core as redis_core
+from costbound.redis import _wait as redis_wait
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis_support import unique
@@ -280,6 +281,11 @@ def test_construction_errors(cls, sclient):
     for bad_rate in [-1.0, -1, math.nan, math.inf, -math.inf, 2**33, 1e12, 1e300]:
         with pytest.raises(ValueError, match="rate"):
             cls(unique(), 10, rate=bad_rate, sync_client=sclient)
+    # A rate so small that its stored fraction would be 0: the budget would never refill.
+    # Seen before the fix: accepted, and stored as rate 0.
+    for tiny_rate in [1e-10, 1e-12, 5e-324]:
+        with pytest.raises(ValueError, match="rate must be 0 or at least"):
+            cls(unique(), 10, rate=tiny_rate, sync_client=sclient)
     for bad_rate in ["1", None, [1.0], 1j]:
         with pytest.raises(TypeError, match="rate"):
             cls(unique(), 10, rate=bad_rate, sync_client=sclient)
@@ -287,6 +293,11 @@ def test_construction_errors(cls, sclient):
     for bad_lease in [0, 0.0, -1.0, math.nan]:
         with pytest.raises(ValueError, match="lease"):
             cls(unique(), 10, lease=bad_lease, sync_client=sclient)
+    # A lease that rounds to 0 microseconds would expire as it is granted: the budget would
+    # stop limiting. Seen before the fix: accepted, and every grant came straight back.
+    for tiny_lease in [1e-7, 4.9e-7, 5e-324]:
+        with pytest.raises(ValueError, match="lease must be at least"):
+            cls(unique(), 10, lease=tiny_lease, sync_client=sclient)
 
     with pytest.raises(TypeError, match="client"):
         cls(unique(), 10)
@@ -302,6 +313,8 @@ def test_construction_accepts_the_edges(cls, sclient):
     zero = cls(unique("zero"), np.int64(0), sync_client=sclient)
     assert zero.capacity == 0
     assert zero.snapshot_sync().utilization == 0.0
+    assert cls(unique("slow"), 5, rate=1e-9, sync_client=sclient).snapshot_sync().rate == 1e-9
+    assert cls(unique("short"), 5, lease=1e-6, sync_client=sclient).lease == 1e-6
     rated = cls(
         unique("rated"), np.uint32(5), rate=np.float64(2.5), lease=0.001, sync_client=sclient
     )
@@ -712,6 +725,25 @@ async def test_attaching_with_other_values_raises_on_the_first_call(aclient, scl
     await same.record_usage(r, 0, 0)
 
 
+@pytest.mark.parametrize("first", [RedisBudget, RedisTokenBudget])
+def test_a_unit_and_a_token_budget_cannot_share_a_name(first, sclient):
+    name = unique("clash")
+    stored = first(name, 100, sync_client=sclient)
+    assert stored.snapshot_sync().available == 100
+    other = RedisTokenBudget if first is RedisBudget else RedisBudget
+    for reconfigure in (False, True):
+        clash = other(name, 100, sync_client=sclient, reconfigure=reconfigure)
+        with pytest.raises(ValueError, match="stored as") as info:
+            clash.snapshot_sync()
+        message = str(info.value)
+        # Seen before the fix: "...; pass reconfigure=True to store this object's values",
+        # which fails the same way.
+        assert "pass reconfigure=True" not in message, message
+        assert "reconfigure=True cannot change a budget's kind" in message, message
+        assert "another name" in message, message
+    assert stored.snapshot_sync().available == 100
+
+
 @pytest.mark.asyncio
 async def test_reconfigure_moves_the_balance_and_earlier_objects_follow(aclient, sclient):
     name = unique("reconf")
@@ -938,39 +970,41 @@ async def test_a_record_whose_reply_was_lost_is_charged_once_when_retried(aclien
     with pytest.raises(BackendError) as info:
         await tb.record_usage(r, 100, 50)
     assert str(info.value).startswith("budget backend error: ")
-    assert r.armed  # the client cannot know: the reservation stays armed
-    snap = await other.snapshot()  # ... but the server did record it
+    assert not r.armed  # the library owns the settlement now: it re-sends it
+    snap = await other.snapshot()  # ... and the server did record it
     assert (snap.available, snap.consumed, snap.outstanding) == (750, 150, 1)
 
-    await tb.record_usage(r, 100, 50)  # the retry: deduplicated by the reservation's id
-    assert not r.armed
+    await tb.flush()  # the re-send: deduplicated by the reservation's id
     snap = await other.snapshot()
     assert (snap.available, snap.consumed) == (750, 150)
-    with refused():
-        await other.record_usage(r, 100, 50)
+    await tb.record_usage(r, 100, 50)  # a caller's repeat is sent again, and charged once
+    await other.record_usage(r, 100, 50)
+    assert (await other.snapshot()).consumed == 150
 
-    # Retried on another object of the same budget, and a different figure: still once.
+    # Repeated on another object of the same budget, with a different figure: still once, at
+    # the figure first sent.
     lossy.lose = 1
     with pytest.raises(BackendError):
         await tb.record_usage(gave_up, 20, 0)
-    assert gave_up.armed
+    assert not gave_up.armed
     other.record_usage_sync(gave_up, 999, 999)
     snap = await other.snapshot()
     assert (snap.available, snap.consumed, snap.outstanding) == (830, 170, 0)
+    await tb.flush()
+    assert await other.snapshot() == snap
 
-    # Giving up after a lost reply (dropping it) refunds nothing a second time.
+    # Dropping it after a lost reply refunds nothing a second time.
     third = await tb.try_reserve_tokens(300)
     lossy.lose = 1
     with pytest.raises(BackendError):
         await tb.record_usage(third, 0, 0)
-    assert third.armed
     del third
     await tb.flush()
     snap = await other.snapshot()
     assert (snap.available, snap.consumed, snap.outstanding) == (830, 170, 0)
 
 
-def test_a_record_that_never_reached_the_server_leaves_the_reservation_armed(sclient):
+def test_a_record_that_never_reached_the_server_is_sent_again_by_the_library(sclient):
     name = unique("unreached")
     good = RedisTokenBudget(name, 1_000, sync_client=sclient)
     dead = redis.Redis(
@@ -985,16 +1019,19 @@ def test_a_record_that_never_reached_the_server_leaves_the_reservation_armed(scl
         with pytest.raises(BackendError) as info:
             bad.record_usage_sync(r, 10, 5)
         assert str(info.value).startswith("budget backend error: ")
-        assert r.armed
+        assert not r.armed  # owed by `bad`: it re-sends it
         snap = good.snapshot_sync()
         assert (snap.available, snap.consumed, snap.outstanding) == (600, 0, 1)
         with pytest.raises(BackendError):
             bad.record_usage_sync(r, 10, 5)  # failing again changes nothing either
-        assert r.armed
-        good.record_usage_sync(r, 10, 5)
-        assert not r.armed
+        with pytest.raises(BackendError):
+            bad.flush_sync()
+        good.record_usage_sync(r, 10, 5)  # a repeat through a working object settles it
         snap = good.snapshot_sync()
         assert (snap.available, snap.consumed, snap.outstanding) == (985, 15, 0)
+        bad._core.sync_client = sclient  # `bad` reaches the server again: its re-sends are
+        bad.flush_sync()  # answered from the kept outcome, nothing twice
+        assert good.snapshot_sync() == snap
     finally:
         dead.close()
 
@@ -1295,7 +1332,7 @@ def test_the_rate_is_stored_as_an_exact_fraction(sclient):
 async def test_a_waiter_on_a_rated_budget_is_granted_by_the_rate_alone(aclient, monkeypatch):
     # No release comes, and the fallback poll is made longer than the deadlines below: only
     # the timer set from the rate wakes the waiters in time.
-    monkeypatch.setattr(redis_core, "POLL_SECONDS", 120.0)
+    monkeypatch.setattr(redis_wait, "POLL_SECONDS", 120.0)
     tb = RedisTokenBudget(unique("ratewait"), 1_000, rate=1_000.0, client=aclient)
     b = RedisBudget(unique("ratewait"), 100, rate=200.0, client=aclient)
     hold = await tb.try_reserve_tokens(1_000)
@@ -1351,7 +1388,7 @@ async def test_a_waiter_is_woken_by_another_process_through_pub_sub(
     # The fallback poll is made far longer than the deadline below (and the waiter has no
     # timeout of its own): a grant in time can only come from the message that the other
     # process's call publishes.
-    monkeypatch.setattr(redis_core, "POLL_SECONDS", 120.0)
+    monkeypatch.setattr(redis_wait, "POLL_SECONDS", 120.0)
     capacity = 100
     name = unique("wake")
     child = await asyncio.create_subprocess_exec(
@@ -1395,7 +1432,7 @@ async def test_a_waiter_is_woken_by_another_process_through_pub_sub(
 def test_a_blocking_waiter_is_woken_by_another_process_through_pub_sub(
     redis_url, sclient, monkeypatch
 ):
-    monkeypatch.setattr(redis_core, "POLL_SECONDS", 120.0)  # as above: only a message wakes it
+    monkeypatch.setattr(redis_wait, "POLL_SECONDS", 120.0)  # as above: only a message wakes it
     capacity = 100
     name = unique("wake")
     child = subprocess.Popen(
@@ -1482,32 +1519,58 @@ async def _cancel_while_granting(aclient, sclient, kind):
         assert budget.snapshot_sync().available == budget.capacity
 
 
-def test_expired_tombstones_are_trimmed_64_a_settlement(sclient):
-    # A settled id is remembered TOMBSTONE_SECONDS (to answer a retried record_usage) and no
-    # longer: each settlement removes up to 64 expired tombstones once one is due. Fifteen
-    # minutes are simulated by ageing the tombstones and the budget's hint on the server.
-    tb = RedisTokenBudget(unique("tombstones"), 1_000, sync_client=sclient)
-    for _ in range(70):
-        tb.record_usage_sync(tb.try_reserve_tokens_sync(1), 1, 0)
-    done = tb.keys[2]
-    assert sclient.zcard(done) == 70
-    assert sclient.zscore(done, sclient.zrange(done, 0, 0)[0]) > time.time() * 1e6 + 800e6
-    sclient.eval(
+def _age_call_outcomes(client: redis.Redis, budget: Any) -> None:
+    """Make the budget's current generation of call outcomes due (as if its time had passed)."""
+    client.eval(
         """
         local v = {cmsgpack.unpack(redis.call('GET', KEYS[1]))}
-        v[14] = 1
+        v[14] = 1  -- calls_since: long ago
         redis.call('SET', KEYS[1], cmsgpack.pack(unpack(v)))
-        for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-          redis.call('ZADD', KEYS[2], 1, id)
-        end
         """,
-        2,
-        tb.keys[0],
-        done,
+        1,
+        budget.keys[0],
     )
-    tb.record_usage_sync(tb.try_reserve_tokens_sync(1), 1, 0)
-    assert sclient.zcard(done) == 70 - 64 + 1
-    tb.record_usage_sync(tb.try_reserve_tokens_sync(1), 1, 0)  # the 6 left are due: gone
-    assert sclient.zcard(done) == 2
+
+
+def _stored_field(client: redis.Redis, budget: Any, position: int) -> Any:
+    return client.eval(
+        "return ({cmsgpack.unpack(redis.call('GET', KEYS[1]))})[tonumber(ARGV[1])]",
+        1,
+        budget.keys[0],
+        position,
+    )
+
+
+def test_call_outcomes_are_kept_at_least_max_lease_and_ten_minutes(sclient):
+    # Every state-changing call's outcome is kept under its id (to answer a retried or re-sent
+    # call) for max(lease, KEEP_SECONDS) at least: in two generations that last that long each.
+    # Time passing is simulated by ageing the current generation on the server.
+    tb = RedisTokenBudget(unique("outcomes"), 1_000, sync_client=sclient)
+    first = tb.try_reserve_tokens_sync(1)
+    tb.record_usage_sync(first, 1, 0)
+    for _ in range(34):  # a lease and a settlement each: 70 ids
+        tb.record_usage_sync(tb.try_reserve_tokens_sync(1), 1, 0)
+    _, _, calls, prior = tb.keys
+    assert sclient.hlen(calls) == 70
+    assert set(sclient.hvals(calls)) == {b"leased", b"done"}
+    assert _stored_field(sclient, tb, 15) == KEEP_SECONDS * 1_000_000  # the lease is shorter
+    long = RedisTokenBudget(tb.name, 1_000, lease=3_600.0, sync_client=sclient)
+    long.refill_sync()
+    assert _stored_field(sclient, tb, 15) == 3_600 * 1_000_000  # a longer lease keeps longer
+
+    def settle_first_again() -> None:
+        lease = first._lease
+        tb._core.call_sync("test", b"settle", lease.settle_id, lease.member, 1)
+
+    _age_call_outcomes(sclient, tb)
+    tb.refill_sync()  # due: the current generation becomes the prior one
+    assert (sclient.hlen(prior), sclient.hlen(calls)) == (71, 1)
+    settle_first_again()  # still known: answered, not charged again
+    assert tb.snapshot_sync().consumed == 35
+
+    _age_call_outcomes(sclient, tb)
+    tb.refill_sync()  # the prior generation is dropped
+    assert (sclient.hlen(prior), sclient.hlen(calls)) == (1, 1)
+    settle_first_again()  # forgotten after its time: a re-send this late would count again
     snap = tb.snapshot_sync()
-    assert (snap.available, snap.consumed, snap.outstanding) == (1_000 - 72, 72, 0)
+    assert (snap.available, snap.consumed, snap.outstanding) == (999, 36, 0)

@@ -7,7 +7,8 @@
   consumed 0; a reservation recorded then charges its actual usage once.
 - A reply lost on the wire (a TCP proxy that lets the command through and cuts the connection
   before the reply): a ``record_usage`` retried after its ``BackendError``, or re-sent by a
-  retrying redis-py client, charges once; a grant whose reply was lost comes back by its lease.
+  retrying redis-py client, charges once; a grant whose reply was lost is rolled back by the
+  object's next call.
 - ``SCRIPT FLUSH``: the next call of every kind reloads the script and just works.
 - Redis Cluster: every key of a budget is in one slot (``CLUSTER KEYSLOT``, names with colons,
   spaces and non-ASCII), and section 6's seed examples and waiting work through
@@ -111,10 +112,10 @@ async def test_stopped_server_fails_every_async_call_closed(redis_server, redis_
                 async with tokens.reserve_tokens(10, timeout=5):
                     pytest.fail("granted with the server down")
             with _fails():
-                await tokens.record_usage(r, 30, 20)
-            assert r.armed  # the failed record left it armed: it can be retried
-            with _fails():
                 await tokens.extend(r, 60)
+            with _fails():
+                await tokens.record_usage(r, 30, 20)
+            assert not r.armed  # the library keeps the settlement, and re-sends it
             with _fails():
                 await tokens.snapshot()
             with _fails():
@@ -129,7 +130,7 @@ async def test_stopped_server_fails_every_async_call_closed(redis_server, redis_
                 await units.reserve(1, timeout=5)
             with _fails():
                 await permit.release()
-            assert not permit.released
+            assert permit.released  # kept, and re-sent
             with _fails():
                 await units.snapshot()
             with _fails():
@@ -142,21 +143,21 @@ async def test_stopped_server_fails_every_async_call_closed(redis_server, redis_
         finally:
             redis_server.start()
 
-        # The restarted server holds nothing (no persistence): each budget is recreated full.
+        # The restarted server holds nothing (no persistence): each budget is recreated full,
+        # and the first call carries what each object owes, in order: the rollbacks of the
+        # grants (voided in advance), the settlement (its lease is unknown, so the actual usage
+        # is charged once, as after a reclaim), the refill, and the refund of the dropped
+        # reservation and the permit's release (no lease: nothing).
         snap = await tokens.snapshot()
-        assert (snap.available, snap.debt, snap.consumed) == (1_000, 0, 0)
+        assert (snap.available, snap.debt, snap.consumed) == (1_000, 0, 50)
         assert (snap.reserved, snap.outstanding, snap.reclaimed) == (0, 0, 0)
-        usnap = await units.snapshot()
+        usnap = await units.snapshot()  # the release of 1 and the refill: capped at 10
         assert (usnap.available, usnap.outstanding) == (10, 0)
-        # The armed reservation is recorded at last: its lease is unknown, so the actual usage is
-        # charged once, as after a reclaim; the pending refund and the permit find no lease.
-        await tokens.record_usage(r, 30, 20)
-        assert not r.armed
-        await tokens.flush()
+        await tokens.record_usage(r, 30, 20)  # a repeat is charged once
         await permit.release()
-        assert permit.released
+        await tokens.flush()
         snap = await tokens.snapshot()
-        assert (snap.available, snap.consumed, snap.outstanding) == (950, 50, 0)
+        assert (snap.available, snap.consumed, snap.outstanding) == (1_000, 50, 0)
         assert (await units.snapshot()).available == 10
         # And it grants again.
         assert await tokens.try_reserve_tokens(950) is not None
@@ -192,10 +193,10 @@ def test_stopped_server_fails_every_sync_call_closed(redis_server, redis_url):
             with _fails():
                 tokens.reserve_tokens_blocking(10, timeout=5)
             with _fails():
-                tokens.record_usage_sync(r, 30, 20)
-            assert r.armed
-            with _fails():
                 tokens.extend_sync(r, 60)
+            with _fails():
+                tokens.record_usage_sync(r, 30, 20)
+            assert not r.armed
             with _fails():
                 tokens.snapshot_sync()
             with _fails():
@@ -210,7 +211,7 @@ def test_stopped_server_fails_every_sync_call_closed(redis_server, redis_url):
                 units.reserve_blocking(1, timeout=5)
             with _fails():
                 permit.release_sync()
-            assert not permit.released
+            assert permit.released
             with _fails():
                 units.snapshot_sync()
             with _fails():
@@ -223,16 +224,14 @@ def test_stopped_server_fails_every_sync_call_closed(redis_server, redis_url):
         finally:
             redis_server.start()
 
-        snap = tokens.snapshot_sync()  # carries the pending refund: no such lease any more
-        assert (snap.available, snap.debt, snap.consumed) == (1_000, 0, 0)
+        snap = tokens.snapshot_sync()  # carries what is owed, as in the async test
+        assert (snap.available, snap.debt, snap.consumed) == (1_000, 0, 50)
         assert (snap.reserved, snap.outstanding, snap.reclaimed) == (0, 0, 0)
         assert units.snapshot_sync().available == 10
         tokens.record_usage_sync(r, 30, 20)
-        assert not r.armed
         permit.release_sync()
-        assert permit.released
         snap = tokens.snapshot_sync()
-        assert (snap.available, snap.consumed, snap.outstanding) == (950, 50, 0)
+        assert (snap.available, snap.consumed, snap.outstanding) == (1_000, 50, 0)
         assert units.snapshot_sync().available == 10
         assert tokens.try_reserve_tokens_sync(950) is not None
         del hog
@@ -323,14 +322,13 @@ def test_record_whose_reply_was_lost_is_retried_and_charged_once_sync(cutter, re
         with _fails():
             tokens.record_usage_sync(r, 150, 100)
         assert cutter.cuts == 1
-        assert r.armed  # the client does not know it was recorded
+        assert not r.armed  # the client does not know it was recorded: it will re-send it
         snap = watcher.snapshot_sync()
         assert (snap.consumed, snap.available, snap.outstanding) == (250, 750, 0)
-        tokens.record_usage_sync(r, 150, 100)  # the retry: the server knows it, charges nothing
-        assert not r.armed
+        tokens.flush_sync()  # the re-send: the server knows its id, charges nothing
         assert watcher.snapshot_sync() == snap
-        with pytest.raises(ValueError, match="already reconciled"):
-            tokens.record_usage_sync(r, 150, 100)
+        tokens.record_usage_sync(r, 150, 100)  # so does a caller's repeat
+        assert watcher.snapshot_sync() == snap
     finally:
         client.close()
         watch.close()
@@ -346,11 +344,11 @@ async def test_record_whose_reply_was_lost_is_retried_and_charged_once_async(cut
         cutter.cut_next_reply()
         with _fails():
             await tokens.record_usage(r, 200, 300)  # over the estimate
-        assert r.armed
+        assert not r.armed
         snap = watcher.snapshot_sync()
         assert (snap.consumed, snap.available, snap.outstanding) == (500, 500, 0)
+        await tokens.flush()
         await tokens.record_usage(r, 200, 300)
-        assert not r.armed
         assert watcher.snapshot_sync() == snap
     finally:
         await aclient.aclose()
@@ -375,28 +373,24 @@ def test_record_resent_by_a_retrying_client_is_charged_once(cutter, redis_url):
         watch.close()
 
 
-def test_grant_whose_reply_was_lost_comes_back_by_its_lease(cutter, redis_url):
-    lease = 0.5
+def test_grant_whose_reply_was_lost_is_rolled_back_by_the_next_call(cutter, redis_url):
     client, watch = _client(cutter.url), _client(redis_url)
     try:
-        tokens = RedisTokenBudget(unique("lost-grant"), 1_000, lease=lease, sync_client=client)
+        tokens = RedisTokenBudget(unique("lost-grant"), 1_000, lease=600, sync_client=client)
         watcher = RedisTokenBudget(tokens.name, 1_000, sync_client=watch)
         tokens.snapshot_sync()  # a connection in the pool: the next reply is the grant's
-        sent_after = _micros(watch)
         cutter.cut_next_reply()
         with _fails():
             tokens.try_reserve_tokens_sync(400)
-        granted_by = _micros(watch)
-        # The client was told nothing was granted; the server holds the lease until it ends.
+        # The client was told nothing was granted; the server holds the lease...
         snap = watcher.snapshot_sync()
-        assert _micros(watch) < sent_after + lease * 1e6, "too slow to observe"
         assert (snap.available, snap.outstanding, snap.reserved) == (600, 1, 400)
-        deadline = time.monotonic() + 30
-        while _micros(watch) <= granted_by + lease * 1e6:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        snap = watcher.snapshot_sync()
-        assert (snap.available, snap.outstanding, snap.reserved, snap.reclaimed) == (1_000, 0, 0, 1)
+        # ...until the object's next call rolls it back by its id (before the fix: until the
+        # lease ended, 10 minutes later).
+        snap = tokens.snapshot_sync()
+        assert (snap.available, snap.outstanding, snap.reserved, snap.reclaimed) == (1_000, 0, 0, 0)
+        tokens.flush_sync()
+        assert watcher.snapshot_sync() == snap
     finally:
         client.close()
         watch.close()
@@ -639,6 +633,34 @@ async def test_seed_examples_through_cluster_clients_async(cluster, cluster_sync
         assert (await tb.snapshot()).consumed == 2
     finally:
         await aclient.aclose()
+
+
+def test_a_cluster_client_under_a_stalled_node_changes_the_budget_once(cluster, cluster_admin):
+    # RedisCluster retries by itself, and may give up with a RedisClusterException (not a
+    # RedisError) after the node ran the command. Either way: BackendError, and the account is
+    # exact once what is owed was sent. Seen before the fix: the RedisClusterException escaped
+    # raw, and the take it had made stayed taken.
+    client = redis.cluster.RedisCluster(host="127.0.0.1", port=cluster.port, socket_timeout=0.1)
+    try:
+        units = RedisBudget(unique("cluster-stall"), 20, sync_client=client)
+        watch = RedisBudget(units.name, 20, sync_client=cluster_admin)
+        assert units.try_reserve_sync(10)
+        failures: list[str] = []
+        took = False
+        with cluster.stalled(0.5):
+            try:
+                took = units.try_reserve_sync(3)
+            except BackendError as error:
+                failures.append(str(error))
+        assert all(f.startswith(PREFIX) for f in failures), failures
+        units.flush_sync()
+        assert watch.snapshot_sync().available == (7 if took else 10)
+        with cluster.stalled(0.5), contextlib.suppress(BackendError):
+            units.release_sync(2)
+        units.flush_sync()
+        assert watch.snapshot_sync().available == (9 if took else 12)
+    finally:
+        client.close()
 
 
 def test_seed_examples_through_cluster_clients_sync(cluster_sync, cluster_admin):

@@ -23,6 +23,16 @@ holding reservations therefore loses nothing for the others. ``try_reserve`` / `
 symmetric counters without identity, as in the seed: units a crashed holder took that way come
 back only by ``refill`` or ``rate``.
 
+Every call that changes state carries an id made by the client, and the server applies each id
+once, keeping its outcome for at least ``max(lease, KEEP_SECONDS)`` seconds: redis-py's own
+retries (an ordinary ``redis.Redis(host, port)`` retries a command after a timeout) never take
+or give twice. A call that raised ``BackendError`` or was cancelled is made certain by the
+library: a ``try_reserve`` or a grant is rolled back by its id, and a ``release``, ``refill``,
+``record_usage`` or refund is re-sent with its id on the budget's next call, on ``flush()``,
+and at interpreter exit (bounded to 2 seconds in all), as are the refunds of dropped
+reservations and the releases of dropped permits. Do not repeat such a call yourself (a
+repeated ``release`` gives twice).
+
 Amounts and capacities are exact up to ``2**53 - 1`` (Lua's numbers are doubles); a capacity
 above that is a ValueError, and sums saturate there. The rate is stored as a fraction p/q per
 second with ``q * (p + 1) < 2**33``: a ratio of small integers such as ``100 / 60`` is exact.
@@ -31,249 +41,52 @@ second with ``q * (p + 1) < 2**33``: a ratio of small integers such as ``100 / 6
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Coroutine, Generator
-from dataclasses import dataclass
-from fractions import Fraction
-from types import TracebackType
-from typing import Any, TypeVar, cast
+import contextlib
 
+from costbound import _outbox
 from costbound._admit import _refuse_on_a_loop
+from costbound._errors import BackendError
 from costbound._reservation import TokenReservation
 from costbound.redis._core import (
     MAX_AMOUNT,
     Core,
-    Denied,
     Lease,
     amount,
-    check_fits,
-    new_id,
+    lease_micros,
     rate_fraction,
     seconds,
-    shielded,
+)
+from costbound.redis._held import (
+    RedisPermit,
+    RedisReservation,
+    Snapshot,
+    _Request,
+    owe_or_unclaim,
+    owed_figure,
+    snapshot_of,
 )
 from costbound.redis._script import (
     EXTEND,
     GIVE,
+    KEEP_SECONDS,
     LEASE,
     REFILL,
     SETTLE,
-    SNAP,
+    SNAPSHOT,
     TAKE,
-    TOMBSTONE_SECONDS,
     UNLEASE,
 )
+from costbound.redis._wait import Denied, check_fits, shielded
 
 __all__ = [
+    "KEEP_SECONDS",
     "MAX_AMOUNT",
-    "TOMBSTONE_SECONDS",
     "RedisBudget",
     "RedisPermit",
     "RedisReservation",
     "RedisTokenBudget",
     "Snapshot",
 ]
-
-_T = TypeVar("_T")
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """A Redis budget's state as the server holds it at one moment.
-
-    ``reserved`` is the sum of the outstanding leases (token reservations and permits from
-    ``reserve``), ``outstanding`` their number, ``reclaimed`` the number of leases given back by
-    expiry since the budget was created.
-    """
-
-    capacity: int
-    rate: float
-    available: int
-    debt: int
-    consumed: int
-    reserved: int
-    outstanding: int
-    reclaimed: int
-
-    @property
-    def utilization(self) -> float:
-        """``(capacity - available) / capacity`` in ``[0, 1]``; ``0.0`` when capacity is 0."""
-        if self.capacity == 0:
-            return 0.0
-        return (self.capacity - self.available) / self.capacity
-
-
-class RedisReservation(TokenReservation):
-    """A token reservation on a :class:`RedisTokenBudget`: a lease with a fleet-wide id.
-
-    Dropping it armed refunds the estimate without blocking (on the event loop it was granted
-    on, or with the budget's next call); if that refund never reaches the server, the lease
-    returns the estimate when it expires. A process created by ``fork`` never refunds the
-    reservations it inherited.
-    """
-
-    __slots__ = ("_lease",)
-
-    _lease: Lease
-
-    def __new__(cls, lease: Lease) -> RedisReservation:
-        """Wrap a lease the server granted (budgets make these; users never need to)."""
-        reservation = cast("RedisReservation", super().__new__(cls, lease.amount, lease))
-        reservation._lease = lease
-        return reservation
-
-    @property
-    def lease_id(self) -> str:
-        """The id under which the server holds this reservation."""
-        return self._lease.id
-
-
-class RedisPermit:
-    """Units leased from a :class:`RedisBudget` by ``reserve``: give them back with ``release``.
-
-    Usable with ``async with`` (and ``with`` when it came from ``reserve_blocking``). A permit that
-    is never released comes back when its lease expires; ``extend`` pushes that out.
-    """
-
-    __slots__ = ("_core", "_lease")
-
-    def __init__(self, core: Core, lease: Lease) -> None:
-        self._core = core
-        self._lease = lease
-
-    @property
-    def cost(self) -> int:
-        """The units this permit holds."""
-        return self._lease.amount
-
-    @property
-    def lease_id(self) -> str:
-        """The id under which the server holds this permit."""
-        return self._lease.id
-
-    @property
-    def released(self) -> bool:
-        """Whether ``release`` gave the units back (or ``spend`` used them up)."""
-        return self._lease.used
-
-    async def _end(self, method: str, refund: int) -> None:
-        lease = self._lease
-        if lease.claim():
-            try:
-                await self._core.call(method, UNLEASE, lease.member, refund)
-            except BaseException:
-                lease.unclaim()  # not settled: the caller may retry
-                raise
-
-    def _end_sync(self, method: str, refund: int) -> None:
-        lease = self._lease
-        if lease.claim():
-            try:
-                self._core.call_sync(method, UNLEASE, lease.member, refund)
-            except BaseException:
-                lease.unclaim()
-                raise
-
-    async def release(self) -> None:
-        """Give the units back, once; later calls do nothing. On ``BackendError``, retry."""
-        await self._end("release", self._lease.amount)
-
-    def release_sync(self) -> None:
-        """Do what :meth:`release` does, with the blocking client."""
-        self._end_sync("release_sync", self._lease.amount)
-
-    async def spend(self) -> None:
-        """End the lease without giving the units back: they were used up.
-
-        For a budget that limits a rate (requests per minute), a request spends its unit:
-        it comes back only by ``rate`` or ``refill``, not when the lease ends. Afterwards the
-        permit counts as released and ``release`` does nothing.
-        """
-        await self._end("spend", 0)
-
-    def spend_sync(self) -> None:
-        """Do what :meth:`spend` does, with the blocking client."""
-        self._end_sync("spend_sync", 0)
-
-    async def __aenter__(self) -> RedisPermit:
-        return self
-
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.release()
-
-    def __enter__(self) -> RedisPermit:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.release_sync()
-
-    def __repr__(self) -> str:
-        state = "released" if self.released else "held"
-        return f"<RedisPermit {self.cost} on {self._core.name!r}, {state}>"
-
-
-class _Request(Coroutine[Any, Any, _T]):
-    """What ``reserve`` / ``reserve_tokens`` return: awaitable, and an async context manager.
-
-    It is a coroutine, so ``asyncio.create_task`` takes it; like one, it takes nothing until it
-    is awaited (and one never awaited takes nothing, without a warning).
-    """
-
-    __slots__ = ("_acquire", "_exit", "_held", "_running")
-
-    def __init__(
-        self,
-        acquire: Callable[[], Coroutine[Any, Any, _T]],
-        leave: Callable[[_T], Awaitable[None]],
-    ) -> None:
-        self._acquire = acquire
-        self._exit = leave
-        self._held: _T | None = None
-        self._running: Coroutine[Any, Any, _T] | None = None
-
-    def _coroutine(self) -> Coroutine[Any, Any, _T]:
-        if self._running is None:
-            self._running = self._acquire()
-        return self._running
-
-    def __await__(self) -> Generator[Any, None, _T]:
-        return self._coroutine().__await__()
-
-    def send(self, value: Any) -> Any:  # noqa: ANN401 - the coroutine protocol
-        """Advance the wait (the coroutine protocol)."""
-        return self._coroutine().send(value)
-
-    def throw(self, *error: Any) -> Any:  # noqa: ANN401 - the coroutine protocol
-        """Raise into the wait (the coroutine protocol)."""
-        return self._coroutine().throw(*error)
-
-    def close(self) -> None:
-        """Close the wait if it started (the coroutine protocol)."""
-        if self._running is not None:
-            self._running.close()
-
-    async def __aenter__(self) -> _T:
-        self._held = await self._acquire()
-        return self._held
-
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        value: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        held, self._held = self._held, None
-        if held is not None:
-            await self._exit(held)
 
 
 class _RedisBase:
@@ -296,21 +109,19 @@ class _RedisBase:
         owner = type(self).__name__
         capacity = amount(capacity, "capacity", self._MAX_CAPACITY)
         fraction = rate_fraction(rate)
-        lease_seconds = seconds(lease, "lease", finite=True)
-        if not lease_seconds:
-            raise ValueError(f"lease must be a number of seconds > 0, got {lease}")
+        micros = lease_micros(lease)
         self._core = Core(
             owner,
             name=name,
             kind=self._KIND,
             capacity=capacity,
             rate=fraction,
-            lease=lease_seconds,
+            lease_micros=micros,
             client=client,
             sync_client=sync_client,
             reconfigure=bool(reconfigure),
         )
-        self._lease_seconds = lease_seconds
+        self._lease_seconds = micros / 1e6
 
     @property
     def name(self) -> str:
@@ -338,32 +149,38 @@ class _RedisBase:
         return self._core.keys
 
     async def refill(self) -> None:
-        """Add ``capacity`` to the balance, capped at ``capacity`` (debt is paid first)."""
-        await self._core.call("refill", REFILL)
+        """Add ``capacity`` to the balance, capped at ``capacity`` (debt is paid first).
+
+        On ``BackendError`` the refill is kept and re-sent with its id (next call, ``flush()``,
+        exit): do not call it again for the same refill.
+        """
+        await self._core.call("refill", REFILL, _outbox.next_id())
 
     def refill_sync(self) -> None:
         """Do what :meth:`refill` does, with the blocking client."""
-        self._core.call_sync("refill_sync", REFILL)
+        self._core.call_sync("refill_sync", REFILL, _outbox.next_id())
 
     async def snapshot(self) -> Snapshot:
         """Read the budget's state as the server holds it now."""
-        return _snapshot(await self._core.call("snapshot", SNAP))
+        return snapshot_of(await self._core.call("snapshot", SNAPSHOT))
 
     def snapshot_sync(self) -> Snapshot:
         """Do what :meth:`snapshot` does, with the blocking client."""
-        return _snapshot(self._core.call_sync("snapshot_sync", SNAP))
+        return snapshot_of(self._core.call_sync("snapshot_sync", SNAPSHOT))
 
     async def flush(self) -> None:
-        """Send the refunds of dropped reservations now, and wait for those under way.
+        """Send now every call this object still owes the server, each with its first id.
 
-        They are otherwise sent in the background (on the event loop that granted them) or
-        with the budget's next call; call this before a worker exits so that its refunds need
-        not wait for their leases to expire.
+        That is: refunds of dropped reservations and releases of dropped permits, releases,
+        refills and settlements that raised ``BackendError``, and rollbacks of grants whose
+        caller was cancelled or timed out. They otherwise go with the budget's next call, in
+        the background on the event loop, and at interpreter exit. Raises ``BackendError``
+        (keeping them) when the server cannot be reached.
         """
         await self._core.flush()
 
     def flush_sync(self) -> None:
-        """Send the refunds of dropped reservations that wait for the next call, now."""
+        """Do what :meth:`flush` does, with the blocking client."""
         self._core.flush_sync()
 
     def _held_lease(self, held: object, method: str) -> Lease:
@@ -372,12 +189,12 @@ class _RedisBase:
             raise ValueError(f"{method}: {held!r} was not issued by the budget {self.name!r}")
         return lease
 
-    def _extend_args(self, held: object, duration: object, method: str) -> tuple[str, int]:
+    def _extend_args(self, held: object, duration: object, method: str) -> tuple[str, str, int]:
         extra = seconds(duration, "seconds", finite=True)
         lease = self._held_lease(held, method)
         if lease.used:
             raise ValueError(f"{method}: the lease {lease.id} was already settled")
-        return lease.member, round((extra or 0.0) * 1e6)
+        return _outbox.next_id(), lease.member, round((extra or 0.0) * 1e6)
 
     async def extend(self, held: RedisReservation | RedisPermit, seconds: float) -> bool:
         """Make the lease of ``held`` expire ``seconds`` from now (server time).
@@ -395,14 +212,14 @@ class _RedisBase:
 
     async def _try_lease(self, method: str, wanted: int, waiting: bool) -> Lease | Denied:
         core = self._core
-        lease = core.lease(new_id(), wanted, asyncio.get_running_loop())
-        reply = await core.call(method, LEASE, lease.member, core.lease_micros, waiting=waiting)
+        lease = core.lease(_outbox.next_id(), wanted, asyncio.get_running_loop())
+        reply = await core.call(method, LEASE, lease.id, wanted, core.lease_micros, waiting=waiting)
         return lease if reply[0] == 1 else core.denied(reply, wanted)
 
     def _try_lease_sync(self, method: str, wanted: int, waiting: bool) -> Lease | Denied:
         core = self._core
-        lease = core.lease(new_id(), wanted, None)
-        reply = core.call_sync(method, LEASE, lease.member, core.lease_micros, waiting=waiting)
+        lease = core.lease(_outbox.next_id(), wanted, None)
+        reply = core.call_sync(method, LEASE, lease.id, wanted, core.lease_micros, waiting=waiting)
         return lease if reply[0] == 1 else core.denied(reply, wanted)
 
     async def _acquire(self, method: str, wanted: int, timeout: float | None) -> Lease:
@@ -458,30 +275,40 @@ class RedisBudget(_RedisBase):
     _KIND = "u"
 
     async def try_reserve(self, cost: int) -> bool:
-        """Take ``cost`` if it fits and no waiter of this process is queued; else ``False``."""
+        """Take ``cost`` if it fits and no waiter of this process is queued; else ``False``.
+
+        Cancelled, or failed with ``BackendError``, after it may have been sent: the take is
+        rolled back by its id (undone if the server applied it, refused if it arrives later).
+        """
         cost = amount(cost, "cost")
         core = self._core
-        if cost > MAX_AMOUNT or core.queued():
+        if cost > MAX_AMOUNT or core.queue:
             return False
-        return bool((await core.call("try_reserve", TAKE, cost))[0] == 1)
+        return bool((await core.call("try_reserve", TAKE, _outbox.next_id(), cost))[0] == 1)
 
     def try_reserve_sync(self, cost: int) -> bool:
         """Do what :meth:`try_reserve` does, with the blocking client."""
         cost = amount(cost, "cost")
         core = self._core
-        if cost > MAX_AMOUNT or core.queued():
+        if cost > MAX_AMOUNT or core.queue:
             return False
-        return bool(core.call_sync("try_reserve_sync", TAKE, cost)[0] == 1)
+        return bool(core.call_sync("try_reserve_sync", TAKE, _outbox.next_id(), cost)[0] == 1)
 
     async def release(self, cost: int) -> None:
-        """Give ``cost`` back; the balance never exceeds the capacity."""
+        """Give ``cost`` back; the balance never exceeds the capacity.
+
+        On ``BackendError`` (or a cancellation) the release is kept and re-sent with its id by
+        the budget's next call, ``flush()`` or the exit: do not call ``release`` again for it,
+        or the units are given back twice. (A task cancelled before it ever ran never called
+        it: asyncio runs none of a coroutine that is cancelled before its first step.)
+        """
         cost = min(amount(cost, "cost"), MAX_AMOUNT)
-        await self._core.call("release", GIVE, cost)
+        await self._core.call("release", GIVE, _outbox.next_id(), cost)
 
     def release_sync(self, cost: int) -> None:
         """Do what :meth:`release` does, with the blocking client."""
         cost = min(amount(cost, "cost"), MAX_AMOUNT)
-        self._core.call_sync("release_sync", GIVE, cost)
+        self._core.call_sync("release_sync", GIVE, _outbox.next_id(), cost)
 
     def reserve(self, cost: int, *, timeout: float | None = None) -> _Request[RedisPermit]:
         """Wait until ``cost`` fits, then lease it: await it, or ``async with`` it."""
@@ -503,10 +330,11 @@ class RedisBudget(_RedisBase):
 class RedisTokenBudget(_RedisBase):
     """A ``TokenBudget`` with debt, shared through Redis; reservations are leases.
 
-    ``record_usage`` is idempotent: the server remembers a recorded reservation for
-    ``TOMBSTONE_SECONDS``, so a call retried after a ``BackendError`` (the reservation stays
-    armed) charges once. A ``record_usage`` that arrives after the lease was reclaimed charges
-    the actual usage once.
+    ``record_usage`` is charged once per reservation: its call id is the reservation's, and the
+    server keeps it for ``max(lease, KEEP_SECONDS)`` seconds. A ``record_usage`` that raised
+    ``BackendError`` is re-sent by the library (the next call, ``flush()``, the exit); calling it
+    again only sends what is owed. A ``record_usage`` that arrives after the lease was
+    reclaimed charges the actual usage once.
     """
 
     _KIND = "t"
@@ -514,7 +342,7 @@ class RedisTokenBudget(_RedisBase):
     async def try_reserve_tokens(self, estimate: int) -> RedisReservation | None:
         """Lease ``estimate`` if ``available - debt >= estimate`` and nobody here waits."""
         estimate = amount(estimate, "estimate")
-        if estimate > MAX_AMOUNT or self._core.queued():
+        if estimate > MAX_AMOUNT or self._core.queue:
             return None
         verdict = await self._try_lease("try_reserve_tokens", estimate, False)
         return RedisReservation(verdict) if isinstance(verdict, Lease) else None
@@ -522,7 +350,7 @@ class RedisTokenBudget(_RedisBase):
     def try_reserve_tokens_sync(self, estimate: int) -> RedisReservation | None:
         """Do what :meth:`try_reserve_tokens` does, with the blocking client."""
         estimate = amount(estimate, "estimate")
-        if estimate > MAX_AMOUNT or self._core.queued():
+        if estimate > MAX_AMOUNT or self._core.queue:
             return None
         verdict = self._try_lease_sync("try_reserve_tokens_sync", estimate, False)
         return RedisReservation(verdict) if isinstance(verdict, Lease) else None
@@ -530,12 +358,15 @@ class RedisTokenBudget(_RedisBase):
     def _settle_args(
         self, reservation: object, prompt: object, completion: object, method: str
     ) -> tuple[Lease, int]:
+        """Give the lease and the usage to settle (if owed: the figure first sent)."""
         used = amount(prompt, "prompt") + amount(completion, "completion")
         if not isinstance(reservation, TokenReservation):
             raise TypeError(
                 f"reservation must be a TokenReservation, not {type(reservation).__name__}"
             )
         lease = self._held_lease(reservation, method)
+        if lease.owed is not None:
+            return lease, owed_figure(lease)
         if lease.used or not reservation.armed:
             raise ValueError(f"{method}: the reservation was already reconciled or disarmed")
         return lease, min(used, MAX_AMOUNT)
@@ -545,20 +376,35 @@ class RedisTokenBudget(_RedisBase):
     ) -> None:
         """Settle ``reservation`` at ``prompt + completion``: refund the rest or charge the overage.
 
-        On ``BackendError`` the reservation stays armed and the call can be retried safely.
+        On ``BackendError`` (or a cancellation) the settlement is kept and re-sent, with its
+        id, by the budget's next call, ``flush()`` or the exit, and the reservation is disarmed:
+        you need not call it again. A repeat, on any object of the budget, sends the same
+        settlement again (its first figures, under its id): it is charged once.
         """
+        core = self._core
         lease, used = self._settle_args(reservation, prompt, completion, "record_usage")
-        await self._core.call("record_usage", SETTLE, lease.member, used)
-        lease.claim()
+        fresh = lease.claim()
+        try:
+            await core.call("record_usage", SETTLE, lease.settle_id, lease.member, used)
+        except BaseException:
+            if fresh and owe_or_unclaim(core, lease, lease.settle_id):
+                reservation.disarm()
+            raise
         reservation.disarm()
 
     def record_usage_sync(
         self, reservation: TokenReservation, prompt: int, completion: int
     ) -> None:
         """Do what :meth:`record_usage` does, with the blocking client."""
+        core = self._core
         lease, used = self._settle_args(reservation, prompt, completion, "record_usage_sync")
-        self._core.call_sync("record_usage_sync", SETTLE, lease.member, used)
-        lease.claim()
+        fresh = lease.claim()
+        try:
+            core.call_sync("record_usage_sync", SETTLE, lease.settle_id, lease.member, used)
+        except BaseException:
+            if fresh and owe_or_unclaim(core, lease, lease.settle_id):
+                reservation.disarm()
+            raise
         reservation.disarm()
 
     async def tokens_consumed(self) -> int:
@@ -594,21 +440,8 @@ class RedisTokenBudget(_RedisBase):
         lease = reservation._lease
         if reservation.disarm() is None or not lease.claim():
             return
-        try:
-            await self._core.call("reserve_tokens", UNLEASE, lease.member, lease.amount)
-        except Exception:
-            self._core.pending.append((lease.member, lease.amount))  # sent with the next call
-
-
-def _snapshot(reply: list[Any]) -> Snapshot:
-    cap, rp, rq, bal, con, held, count, reclaimed = (int(x) for x in reply[1:9])
-    return Snapshot(
-        capacity=cap,
-        rate=float(Fraction(rp, rq)) if rp else 0.0,
-        available=max(bal, 0),
-        debt=max(-bal, 0),
-        consumed=con,
-        reserved=held,
-        outstanding=count,
-        reclaimed=reclaimed,
-    )
+        # A failure leaves the refund owed (sent with the next call, flush() or the exit).
+        with contextlib.suppress(BackendError):
+            await self._core.call(
+                "reserve_tokens", UNLEASE, lease.end_id, lease.member, lease.amount
+            )
