@@ -433,17 +433,22 @@ class Pass:
 
         - costbound's atomic budgets are lock-free: the estimate is recorded on them and their
           guard units released;
+        - a stored token budget that can settle without blocking (``record_usage_nowait``: a
+          Redis budget queues it, sent on its loop, with its next call or at exit) is charged
+          its estimate as a settlement;
         - any other token budget's reservation is charged its estimate by being refunded
-          nothing (its refund called with 0): a Redis reservation's lease ends with nothing
-          given back, without blocking (sent with the budget's next call);
+          nothing (its refund called with 0);
         - a stored guard's permit is let go: its lease ends by itself (:class:`Leased`).
         """
         if not self._claim():
             return
         for budget, reservation, prompt, completion in self._charges(None):
             with contextlib.suppress(Exception):
+                settle_nowait = getattr(budget, "record_usage_nowait", None)
                 if type(budget) in LOCK_FREE:
                     budget.record_usage_sync(reservation, prompt, completion)
+                elif settle_nowait is not None:
+                    settle_nowait(reservation, prompt, completion)
                 else:
                     refund = reservation.disarm()
                     if refund is not None:

@@ -407,6 +407,20 @@ class RedisTokenBudget(_RedisBase):
             raise
         reservation.disarm()
 
+    def record_usage_nowait(
+        self, reservation: TokenReservation, prompt: int, completion: int
+    ) -> None:
+        """Settle ``reservation`` as :meth:`record_usage` does, without waiting on the network.
+
+        For code that may neither block nor await (a finaliser, a gate settling a stream
+        abandoned unread): the settlement is queued under its id and sent as a dropped
+        reservation's refund is, on the event loop that granted it, with the budget's next call,
+        on ``flush()`` or at exit. The reservation is disarmed at once.
+        """
+        lease, used = self._settle_args(reservation, prompt, completion, "record_usage_nowait")
+        if lease.owed is None and lease.settle_later(used):
+            reservation.disarm()
+
     async def tokens_consumed(self) -> int:
         """Prompt + completion tokens recorded since the budget was created."""
         return (await self.snapshot()).consumed

@@ -229,6 +229,18 @@ class Lease:
             return
         self._budget.unlease_later(self, refund, self._loop)
 
+    def settle_later(self, used: int) -> bool:
+        """Charge the lease ``used`` once, without blocking, as a refund is sent.
+
+        ``False`` (nothing queued) if it was already settled, or was granted to the parent of
+        this forked process.
+        """
+        if self._pid != os.getpid() or not self.claim():
+            return False
+        self.owed = Call(SETTLE, self.settle_id, self.member, used)
+        self._budget.send_later(self.owed, self._loop)
+        return True
+
     def __repr__(self) -> str:
         return f"<Lease {self.id} of {self.amount}{' (settled)' if self._used else ''}>"
 
@@ -457,7 +469,11 @@ class Core(Waiting):
         self, lease: Lease, refund: int, loop: asyncio.AbstractEventLoop | None
     ) -> None:
         """Give a lease back without blocking: on its loop if it runs, else with the next call."""
-        self.outbox.put(Call(UNLEASE, lease.end_id, lease.member, refund))
+        self.send_later(Call(UNLEASE, lease.end_id, lease.member, refund), loop)
+
+    def send_later(self, call: Call, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Queue ``call`` without blocking: sent on ``loop`` if it runs, else with the next call."""
+        self.outbox.put(call)
         if loop is not None:
             self.kick(loop)
 
