@@ -94,12 +94,17 @@ def _wake(signal: weakref.ref[_Signal]) -> None:
 
 async def wait(owner: _Owner[_T], timeout: float | None) -> _T:
     """Queue ``owner``'s request and wait for its grant; return ``owner._finish(waiter)``."""
-    loop = asyncio.get_running_loop()
-    deadline = None if timeout is None or math.isinf(timeout) else loop.time() + timeout
-    signal = _Signal(loop)
-    # The budget's queue holds the wake-up weakly: a task dropped while it waits (its loop closed
-    # without cancelling it) is not kept alive by the queue, and its clean-up below then runs.
-    waiter = owner._enqueue(functools.partial(_wake, weakref.ref(signal)))
+    try:
+        loop = asyncio.get_running_loop()  # RuntimeError where no asyncio loop runs
+        deadline = None if timeout is None or math.isinf(timeout) else loop.time() + timeout
+        signal = _Signal(loop)
+        # The budget's queue holds the wake-up weakly: a task dropped while it waits (its loop
+        # closed without cancelling it) is not kept alive by the queue, and its clean-up below
+        # then runs.
+        waiter = owner._enqueue(functools.partial(_wake, weakref.ref(signal)))
+    except BaseException:
+        owner._reset()  # nothing was queued: the request may be awaited again
+        raise
     try:
         while not waiter.granted:
             delay = waiter.poll()  # grants whatever fits; the refill timer if first in line

@@ -7,7 +7,7 @@
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use pyo3::exceptions::{PyBaseException, PyRuntimeError, PyStopIteration};
+use pyo3::exceptions::{PyBaseException, PyRuntimeError, PyStopIteration, PyTypeError};
 use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
 use pyo3::types::{PyNone, PyTuple};
@@ -108,6 +108,13 @@ impl Delegate {
         let py = owner.py();
         if let Some(iterator) = self.current(py) {
             return self.settle(py, send(&iterator, value));
+        }
+        if !value.is_none() {
+            // Refused before anything starts, as a coroutine refuses it: sent on, it would
+            // reach a wait that never ran (left "being awaited" for ever, and never awaited).
+            return Err(PyTypeError::new_err(
+                "can't send non-None value to a just-started coroutine",
+            ));
         }
         let iterator = T::enter(owner)?;
         if iterator.is(&*owner) {

@@ -1,0 +1,171 @@
+"""What a second, hostile review of the native awaitables and of ``admit`` found (issue 12).
+
+* A ``Permit`` or ``TokenRequest`` whose suspended wait fails before it starts waiting (awaited
+  where no asyncio loop runs, or sent a value as its first step) stays usable: it is not left
+  "being awaited" for ever.
+* ``admit_blocking`` with a finite but huge timeout waits (it raised ``OverflowError`` from the
+  thread wait), and a timeout too large for a float is a ``ValueError``, as for the native calls.
+* Parts an admission gives back (a denied attempt, a cancelled wait, a ticket's close) are given
+  back in full even when the task is cancelled while a user-written budget's ``release`` is
+  still running: before, the units of that release were lost for good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import sys
+import threading
+import warnings
+from typing import Any
+
+import costbound
+import pytest
+from costbound import AtomicBudget, AtomicTokenBudget
+
+WAIT = 5.0
+
+
+# --- a wait that fails to start leaves its request usable --------------------------------------
+
+
+def _blocked_request(kind: str) -> tuple[Any, Any, Any]:
+    """A request that must wait, and what frees its room (`free()`)."""
+    if kind == "permit":
+        units = AtomicBudget(1)
+        assert units.try_reserve_sync(1)
+        return units, units.reserve(1), lambda: units.release_sync(1)
+    tokens = AtomicTokenBudget(10)
+    held = [tokens.try_reserve_tokens_sync(10)]
+    return tokens, tokens.reserve_tokens(4), held.clear  # dropping the reservation refunds it
+
+
+async def _await(request: Any) -> Any:
+    return await asyncio.wait_for(request, WAIT)
+
+
+@pytest.mark.parametrize("kind", ["permit", "token request"])
+def test_a_request_awaited_where_no_loop_runs_can_be_awaited_later(kind: str) -> None:
+    budget, request, free = _blocked_request(kind)
+
+    async def user() -> Any:
+        return await request
+
+    driver = user()  # driven by hand, as a framework other than asyncio would
+    with pytest.raises(RuntimeError, match="no running event loop"):
+        driver.send(None)
+    assert budget.waiters == 0
+    free()
+    granted = asyncio.run(_await(request))  # was: "this request is already being awaited"
+    assert granted is not None
+    del granted
+    gc.collect()
+    assert budget.waiters == 0
+
+
+@pytest.mark.parametrize("kind", ["permit", "token request"])
+def test_a_value_sent_as_the_first_step_is_refused_and_changes_nothing(kind: str) -> None:
+    budget, request, free = _blocked_request(kind)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(TypeError, match="non-None"):
+            request.send(5)
+        gc.collect()
+    assert [str(w.message) for w in caught] == []  # no "coroutine 'wait' was never awaited"
+    assert budget.waiters == 0
+    free()
+    assert asyncio.run(_await(request)) is not None
+
+
+# --- admission timeouts --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("timeout", [1e300, sys.float_info.max, 2.0**64])
+def test_admit_blocking_with_a_huge_timeout_waits(timeout: float) -> None:
+    units = AtomicBudget(1)
+    assert units.try_reserve_sync(1)
+    freer = threading.Timer(0.05, units.release_sync, (1,))
+    freer.start()
+    try:
+        with costbound.admit_blocking(guards={units: 1}, timeout=timeout) as ticket:
+            assert ticket.guards == {units: 1}
+    finally:
+        freer.join()
+    assert units.available == 1
+
+
+def test_a_timeout_too_large_for_a_float_is_a_value_error() -> None:
+    units = AtomicBudget(1)
+    with pytest.raises(ValueError, match="timeout"):
+        costbound.admit(guards={units: 1}, timeout=10**400)
+    with pytest.raises(ValueError, match="timeout"):
+        costbound.admit_blocking(guards={units: 1}, timeout=10**400)
+    with pytest.raises(ValueError, match="timeout"):
+        units.reserve(1, timeout=10**400)
+    assert units.available == 1
+
+
+# --- giving back survives a cancellation ---------------------------------------------------------
+
+
+class RemoteGuard:
+    """A user-written BudgetGuard whose calls each take a round trip (a database, say)."""
+
+    def __init__(self, available: int) -> None:
+        self.available = available
+        self.in_release = asyncio.Event()
+
+    async def try_reserve(self, cost: int) -> bool:
+        await asyncio.sleep(0)
+        if cost <= self.available:
+            self.available -= cost
+            return True
+        return False
+
+    async def release(self, cost: int) -> None:
+        self.in_release.set()
+        await asyncio.sleep(0.02)
+        self.available += cost
+
+
+async def _cancel_while_giving_back(start: Any, remote: RemoteGuard) -> None:
+    task = asyncio.ensure_future(start())
+    await asyncio.wait_for(remote.in_release.wait(), WAIT)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(200):  # the release, left to finish, ends within its round trip
+        if remote.available == 5:
+            break
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.asyncio
+async def test_an_admission_cancelled_while_giving_back_a_denied_attempt_loses_nothing() -> None:
+    remote, never = RemoteGuard(5), RemoteGuard(0)  # the second denies: the first is given back
+    await _cancel_while_giving_back(
+        lambda: costbound.admit(guards={remote: 2, never: 1}, timeout=WAIT), remote
+    )
+    assert remote.available == 5  # was 3: the interrupted release was lost
+
+
+@pytest.mark.asyncio
+async def test_try_admit_cancelled_while_giving_back_loses_nothing() -> None:
+    remote, never = RemoteGuard(5), RemoteGuard(0)
+    await _cancel_while_giving_back(
+        lambda: costbound.try_admit(guards={remote: 2, never: 1}), remote
+    )
+    assert remote.available == 5
+
+
+@pytest.mark.asyncio
+async def test_a_ticket_closed_by_a_cancelled_task_gives_every_part_back() -> None:
+    remote, units = RemoteGuard(5), AtomicBudget(3)
+
+    async def hold_then_close() -> None:
+        async with costbound.admit(guards={remote: 2, units: 3}, timeout=WAIT):
+            pass  # the exit closes the ticket: its release of `remote` is interrupted
+
+    await _cancel_while_giving_back(hold_then_close, remote)
+    assert remote.available == 5
+    assert units.available == 3
