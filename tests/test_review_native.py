@@ -169,3 +169,24 @@ async def test_a_ticket_closed_by_a_cancelled_task_gives_every_part_back() -> No
     await _cancel_while_giving_back(hold_then_close, remote)
     assert remote.available == 5
     assert units.available == 3
+
+
+# --- throw() with something that is not an exception ------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [42, "boom", int, None])
+def test_throwing_a_non_exception_is_a_type_error_that_changes_nothing(bad: object) -> None:
+    units = AtomicBudget(2)
+    call = units.try_reserve(1)
+    permit = units.reserve(1)
+    for awaitable in (call, permit):
+        with pytest.raises(TypeError, match="BaseException"):
+            awaitable.throw(bad)
+
+    async def both() -> tuple[bool, Any]:
+        return await call, await permit
+
+    granted, held = asyncio.run(both())  # was: "cannot reuse an already awaited budget call"
+    assert granted is True
+    assert held.granted
+    assert units.available == 0

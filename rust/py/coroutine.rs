@@ -10,7 +10,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use pyo3::exceptions::{PyBaseException, PyRuntimeError, PyStopIteration, PyTypeError};
 use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
-use pyo3::types::{PyNone, PyTuple};
+use pyo3::types::{PyNone, PyTuple, PyType};
 use pyo3::{BoundObject, PyClass, PyTraverseError, PyTypeInfo, ffi, intern};
 
 use super::panic_guard::catch_panic;
@@ -187,7 +187,9 @@ fn send<'py>(iterator: &Bound<'py, PyAny>, value: Borrowed<'_, 'py, PyAny>) -> P
     }
 }
 
-/// The exception `throw(exception, value, traceback)` raises, built as `generator.throw` does.
+/// The exception `throw(exception, value, traceback)` raises, built as `generator.throw` does:
+/// an exception instance, or an exception class instantiated with `value`. Anything else is a
+/// `TypeError`, raised before the caller changes any state.
 pub(crate) fn to_exception<'py>(
     exception: &Bound<'py, PyAny>,
     value: Option<&Bound<'py, PyAny>>,
@@ -195,10 +197,26 @@ pub(crate) fn to_exception<'py>(
     if exception.is_instance_of::<PyBaseException>() {
         return Ok(exception.clone());
     }
-    match value {
-        Some(value) if value.is_instance_of::<PyBaseException>() => Ok(value.clone()),
-        Some(value) => exception.call1((value,)),
-        None => exception.call0(),
+    let is_class = exception
+        .cast::<PyType>()
+        .is_ok_and(|kind| kind.is_subclass_of::<PyBaseException>().unwrap_or(false));
+    if !is_class {
+        return Err(PyTypeError::new_err(format!(
+            "exceptions must be classes or instances deriving from BaseException, not {}",
+            crate::py::args::type_name(exception)
+        )));
+    }
+    let made = match value {
+        Some(value) if value.is_instance_of::<PyBaseException>() => return Ok(value.clone()),
+        Some(value) => exception.call1((value,))?,
+        None => exception.call0()?,
+    };
+    if made.is_instance_of::<PyBaseException>() {
+        Ok(made)
+    } else {
+        Err(PyTypeError::new_err(
+            "the exception class thrown in made something that is not an exception",
+        ))
     }
 }
 
