@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import subprocess
 import sys
+import textwrap
 import threading
 import warnings
 from typing import Any
@@ -190,3 +192,35 @@ def test_throwing_a_non_exception_is_a_type_error_that_changes_nothing(bad: obje
     assert granted is True
     assert held.granted
     assert units.available == 0
+
+
+# --- a wake-up for a task whose loop is closed --------------------------------------------------
+
+
+def test_a_release_on_the_thread_of_a_closed_loop_with_a_waiter_reports_nothing() -> None:
+    # The task is still referenced (so its wait is still queued) when its loop is closed; a
+    # release on that same thread wakes it. Before, the wake-up raised "Event loop is closed",
+    # printed as an ignored exception; from another thread it was already silent.
+    code = """
+        import asyncio, costbound
+        units = costbound.AtomicBudget(1)
+        assert units.try_reserve_sync(1)
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(units.reserve(1))
+        loop.run_until_complete(asyncio.sleep(0.01))
+        assert units.waiters == 1
+        loop.close()
+        units.release_sync(1)
+        print("released", flush=True)
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["released"]
+    assert "Event loop is closed" not in done.stderr
+    assert "Exception ignored" not in done.stderr

@@ -57,11 +57,12 @@ class _Signal:
 
     def wake(self) -> None:
         """Wake the task; the budget calls it (never under its lock) from any thread."""
-        if threading.get_ident() == self._thread:
-            self._fire()
-        else:
-            # A closed loop raises RuntimeError: its tasks are gone, there is nothing to wake.
-            with contextlib.suppress(RuntimeError):
+        # A closed loop raises RuntimeError, on its own thread (resolving the future schedules
+        # the task) as from another: its tasks never run again, there is nothing to wake.
+        with contextlib.suppress(RuntimeError):
+            if threading.get_ident() == self._thread:
+                self._fire()
+            else:
                 self._loop.call_soon_threadsafe(self._fire)
 
     def _fire(self) -> None:
