@@ -224,3 +224,25 @@ def test_a_release_on_the_thread_of_a_closed_loop_with_a_waiter_reports_nothing(
     assert done.stdout.split() == ["released"]
     assert "Event loop is closed" not in done.stderr
     assert "Exception ignored" not in done.stderr
+
+
+# --- entering a request whose wait is in progress -------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["permit", "token request"])
+async def test_entering_a_request_being_awaited_is_refused_and_leaves_it_usable(kind: str) -> None:
+    budget, request, free = _blocked_request(kind)
+    task = asyncio.ensure_future(request)  # its owner waits for it in a task
+    while budget.waiters == 0:
+        await asyncio.sleep(0)
+    with pytest.raises(RuntimeError, match="already being awaited"):
+        async with request:
+            pytest.fail("entered a request whose wait is in progress")
+    free()
+    await asyncio.wait_for(task, WAIT)
+    async with request:  # was: "this permit was already used"
+        pass
+    assert budget.waiters == 0
+    if kind == "permit":
+        assert request.released
