@@ -234,8 +234,8 @@ def test_a_release_on_the_thread_of_a_closed_loop_with_a_waiter_reports_nothing(
 async def test_entering_a_request_being_awaited_is_refused_and_leaves_it_usable(kind: str) -> None:
     budget, request, free = _blocked_request(kind)
     task = asyncio.ensure_future(request)  # its owner waits for it in a task
-    while budget.waiters == 0:
-        await asyncio.sleep(0)
+    await asyncio.sleep(0)  # the task's first step queues the wait
+    assert budget.waiters == 1
     with pytest.raises(RuntimeError, match="already being awaited"):
         async with request:
             pytest.fail("entered a request whose wait is in progress")
