@@ -8,6 +8,11 @@
 * Parts an admission gives back (a denied attempt, a cancelled wait, a ticket's close) are given
   back in full even when the task is cancelled while a user-written budget's ``release`` is
   still running: before, the units of that release were lost for good.
+* ``throw()`` with something that is not an exception is a ``TypeError`` that changes nothing.
+* A wake-up for a task whose loop was closed is skipped silently on the loop's own thread too.
+* Entering a request whose wait is in progress is refused without using up its single entry.
+
+Whatever could hang or print at exit runs in a child process.
 """
 
 from __future__ import annotations
