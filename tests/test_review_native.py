@@ -251,3 +251,44 @@ async def test_entering_a_request_being_awaited_is_refused_and_leaves_it_usable(
     assert budget.waiters == 0
     if kind == "permit":
         assert request.released
+
+
+# --- a loop that moves to another thread while a task waits -------------------------------------
+
+
+def test_a_wait_is_woken_when_its_loop_runs_on_another_thread_than_it_started_on() -> None:
+    # The wait starts while the loop runs on the main thread; the loop then runs on a worker
+    # thread, and the release comes from the main thread. The wake-up must go through the
+    # loop's thread-safe path (before, it resolved the future from the main thread directly,
+    # the loop's selector was never woken, and the task hung).
+    code = """
+        import asyncio, threading, time, costbound
+        units = costbound.AtomicBudget(1)
+        assert units.try_reserve_sync(1)
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(units.reserve(1))
+        loop.run_until_complete(asyncio.sleep(0.01))  # the wait starts on this thread
+        assert units.waiters == 1
+        worker = threading.Thread(target=loop.run_until_complete, args=(task,))
+        worker.start()
+        time.sleep(0.1)  # the loop now sleeps in its selector, on the worker thread
+        units.release_sync(1)
+        worker.join(5)
+        print("woken" if not worker.is_alive() else "hung", flush=True)
+        if not worker.is_alive():
+            task.result().release()
+            loop.close()
+            print(units.available, units.waiters)
+        else:
+            import os
+            os._exit(0)
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["woken", "1", "0"]

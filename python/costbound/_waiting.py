@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import functools
 import math
-import threading
 import weakref
 from collections.abc import Callable
 from typing import Protocol, TypeVar
@@ -47,11 +46,10 @@ def _resolve(future: asyncio.Future[None]) -> None:
 class _Signal:
     """A wake-up flag for one waiting task: set from any thread, awaited on its loop."""
 
-    __slots__ = ("__weakref__", "_flag", "_future", "_loop", "_thread")
+    __slots__ = ("__weakref__", "_flag", "_future", "_loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._thread = threading.get_ident()
         self._future: asyncio.Future[None] | None = None
         self._flag = False
 
@@ -60,9 +58,12 @@ class _Signal:
         # A closed loop raises RuntimeError, on its own thread (resolving the future schedules
         # the task) as from another: its tasks never run again, there is nothing to wake.
         with contextlib.suppress(RuntimeError):
-            if threading.get_ident() == self._thread:
-                self._fire()
+            if asyncio.events._get_running_loop() is self._loop:
+                self._fire()  # from inside the loop itself: no hand-over needed
             else:
+                # Any other thread, or this one while the loop is stopped: a loop may run on
+                # another thread than the one its wait started on, and only the thread-safe
+                # call wakes its selector.
                 self._loop.call_soon_threadsafe(self._fire)
 
     def _fire(self) -> None:
