@@ -292,3 +292,26 @@ def test_a_wait_is_woken_when_its_loop_runs_on_another_thread_than_it_started_on
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["woken", "1", "0"]
+
+
+# --- one request handed to two tasks ---------------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["permit", "token request"])
+async def test_a_second_task_driving_a_waiting_request_is_refused(kind: str) -> None:
+    # As `await request` from a second coroutine is. Before, the second task shared the first
+    # one's wait: both got the grant, and cancelling the second ended the wait under the
+    # first, which then waited for ever.
+    budget, request, free = _blocked_request(kind)
+    owner = asyncio.ensure_future(request)
+    await asyncio.sleep(0)
+    assert budget.waiters == 1
+    second = asyncio.ensure_future(request)
+    with pytest.raises(RuntimeError, match="already being awaited"):
+        await asyncio.wait_for(second, WAIT)
+    assert budget.waiters == 1  # the owner's wait goes on
+    free()
+    granted = await asyncio.wait_for(owner, WAIT)
+    assert granted is not None
+    assert budget.waiters == 0

@@ -55,10 +55,11 @@ class _Signal:
 
     def wake(self) -> None:
         """Wake the task; the budget calls it (never under its lock) from any thread."""
-        # A closed loop raises RuntimeError, on its own thread (resolving the future schedules
-        # the task) as from another: its tasks never run again, there is nothing to wake.
+        # A closed loop raises RuntimeError (resolving the future schedules the task): its
+        # tasks never run again. The future is still resolved first, so that the wait, if
+        # another loop's task drives it later, finds its wake-up.
         with contextlib.suppress(RuntimeError):
-            if asyncio.events._get_running_loop() is self._loop:
+            if asyncio.events._get_running_loop() is self._loop or self._loop.is_closed():
                 self._fire()  # from inside the loop itself: no hand-over needed
             else:
                 # Any other thread, or this one while the loop is stopped: a loop may run on

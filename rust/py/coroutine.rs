@@ -69,7 +69,15 @@ pub(crate) trait FastAwait:
 /// and on the path that does not suspend it is never touched.
 ///
 /// The lock only guards the slot: it is never held across a call into Python.
-pub(crate) struct Delegate(Mutex<Option<Py<PyAny>>>);
+pub(crate) struct Delegate(Mutex<Option<Wait>>);
+
+/// The wait a [`Delegate`] hands its steps to, and what it last yielded.
+struct Wait {
+    iterator: Py<PyAny>,
+    /// The future the wait last yielded to the task driving it: a step sent in while it is not
+    /// done comes from another driver (a second task handed the same request).
+    yielded: Option<Py<PyAny>>,
+}
 
 impl Delegate {
     /// An empty slot.
@@ -77,23 +85,39 @@ impl Delegate {
         Self(Mutex::new(None))
     }
 
-    fn slot(&self) -> MutexGuard<'_, Option<Py<PyAny>>> {
+    fn slot(&self) -> MutexGuard<'_, Option<Wait>> {
         // Nothing panics with the lock held, but a poisoned slot is still a valid slot.
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn current<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyAny>> {
-        self.slot()
-            .as_ref()
-            .map(|iterator| iterator.bind(py).clone())
+    fn current<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> Option<(Bound<'py, PyAny>, Option<Bound<'py, PyAny>>)> {
+        self.slot().as_ref().map(|wait| {
+            (
+                wait.iterator.bind(py).clone(),
+                wait.yielded.as_ref().map(|f| f.bind(py).clone()),
+            )
+        })
     }
 
-    /// Empties the slot once the wait has finished (returned or raised); the reference is
-    /// dropped as a `Bound`, at once, since a raw slot may be running this.
+    /// Records what a step gave: the future yielded, or (once the wait has finished, returned
+    /// or raised) an empty slot. What is replaced is dropped as a `Bound`, at once and outside
+    /// the lock, since a raw slot may be running this.
     fn settle<'py>(&self, py: Python<'py>, step: PyResult<Step<'py>>) -> PyResult<Step<'py>> {
-        if !matches!(step, Ok(Step::Yield(_))) {
-            let finished = self.slot().take();
-            drop(finished.map(|iterator| iterator.into_bound(py)));
+        let mut slot = self.slot();
+        let replaced = match &step {
+            Ok(Step::Yield(future)) => slot
+                .as_mut()
+                .and_then(|wait| wait.yielded.replace(future.clone().unbind()))
+                .map(|old| (old, None)),
+            _ => slot.take().map(|wait| (wait.iterator, wait.yielded)),
+        };
+        drop(slot);
+        if let Some((first, second)) = replaced {
+            drop(first.into_bound(py));
+            drop(second.map(|second| second.into_bound(py)));
         }
         step
     }
@@ -106,7 +130,16 @@ impl Delegate {
         value: Borrowed<'_, 'py, PyAny>,
     ) -> PyResult<Step<'py>> {
         let py = owner.py();
-        if let Some(iterator) = self.current(py) {
+        if let Some((iterator, yielded)) = self.current(py) {
+            if let Some(future) = yielded {
+                // The task driving the wait steps it only once the future it waits on is done
+                // (or throws in a cancellation); a step before that is another driver's.
+                if !future.call_method0(intern!(py, "done"))?.is_truthy()? {
+                    return Err(PyRuntimeError::new_err(
+                        "this request is already being awaited (by another task)",
+                    ));
+                }
+            }
             return self.settle(py, send(&iterator, value));
         }
         if !value.is_none() {
@@ -120,7 +153,10 @@ impl Delegate {
         if iterator.is(&*owner) {
             return T::step(owner).map(Step::Return);
         }
-        *self.slot() = Some(iterator.clone().unbind());
+        *self.slot() = Some(Wait {
+            iterator: iterator.clone().unbind(),
+            yielded: None,
+        });
         self.settle(py, send(&iterator, value))
     }
 
@@ -130,7 +166,7 @@ impl Delegate {
         py: Python<'py>,
         exception: Bound<'py, PyAny>,
     ) -> PyResult<Step<'py>> {
-        let Some(iterator) = self.current(py) else {
+        let Some((iterator, _)) = self.current(py) else {
             return Err(PyErr::from_value(exception));
         };
         let step = match iterator.call_method1(intern!(py, "throw"), (exception,)) {
@@ -145,9 +181,13 @@ impl Delegate {
 
     /// Closes the wait in progress, if any: its clean-up leaves the queue and takes nothing.
     pub(crate) fn close(&self, py: Python<'_>) -> PyResult<()> {
-        let iterator = self.slot().take().map(|iterator| iterator.into_bound(py));
-        match iterator {
-            Some(iterator) => iterator.call_method0(intern!(py, "close")).map(drop),
+        let wait = self.slot().take();
+        match wait {
+            Some(wait) => {
+                drop(wait.yielded.map(|future| future.into_bound(py)));
+                let iterator = wait.iterator.into_bound(py);
+                iterator.call_method0(intern!(py, "close")).map(drop)
+            }
             None => Ok(()),
         }
     }
@@ -157,15 +197,18 @@ impl Delegate {
         // The lock is never held across a call into Python, so it is free during a collection;
         // skipping a visit would only keep an object alive longer.
         if let Ok(slot) = self.0.try_lock() {
-            visit.call(&*slot)?;
+            if let Some(wait) = slot.as_ref() {
+                visit.call(&wait.iterator)?;
+                visit.call(&wait.yielded)?;
+            }
         }
         Ok(())
     }
 
     /// Drops the wait held (the garbage collector breaking a cycle).
     pub(crate) fn clear(&self) {
-        let iterator = self.slot().take();
-        drop(iterator);
+        let wait = self.slot().take();
+        drop(wait);
     }
 }
 
