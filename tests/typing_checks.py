@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from costbound import (
     AtomicBudget,
     AtomicTokenBudget,
@@ -105,3 +107,14 @@ def stacks() -> None:
     passed.settle_sync(used)
     error = BudgetExhausted(tokens, estimate + micro)
     assert error.amount > 0
+
+
+async def as_tasks() -> None:
+    # Every awaitable is a coroutine to asyncio's tasks (spec 11a), and typed as one.
+    rows = AtomicBudget(2)
+    llm = AtomicTokenBudget(10)
+    granted: asyncio.Task[bool] = asyncio.create_task(rows.try_reserve(1))
+    permit: asyncio.Task[Permit] = asyncio.create_task(rows.reserve(1))
+    reservation: asyncio.Task[TokenReservation] = asyncio.create_task(llm.reserve_tokens(1))
+    ticket: asyncio.Task[Ticket] = asyncio.create_task(admit(guards={rows: 1}))
+    await asyncio.gather(granted, permit, reservation, ticket)

@@ -186,15 +186,28 @@ class Ticket:
             return True
 
     async def close(self) -> None:
-        """Releases the guard parts and refunds the unrecorded reservations, once."""
+        """Releases the guard parts and refunds the unrecorded reservations, once.
+
+        Every part goes back even if the task is cancelled meanwhile: the releases that may
+        suspend (a user-written or Redis budget's) run in a task of their own, which a
+        cancellation of the caller does not interrupt. A native release never suspends, and
+        takes no task.
+        """
         if not self._claim_close():
             return
         # Every part goes back even if one raises; the first error is raised after.
         errors: list[BaseException] = []
+        pending: list[Awaitable[object]] = []
         for budget, cost in self._guards.items():
-            await _collect_async(errors, budget.release(cost))
+            release = _call(errors, budget.release, cost)
+            if isinstance(release, _native.Awaitable):
+                await _collect_async(errors, release)  # done when called: it never suspends
+            elif release is not None:
+                pending.append(release)
         for reservation in self._reservations.values():
             _collect(errors, _refund, reservation)
+        if pending:  # last: a cancellation of the caller here leaves the rest done
+            await _uninterrupted(_await_all(pending, errors))
         if errors:
             raise errors[0]
 
@@ -264,6 +277,38 @@ async def _collect_async(errors: list[BaseException], awaitable: Awaitable[objec
         await awaitable
     except BaseException as exc:  # collected; the first is raised later
         errors.append(exc)
+
+
+def _call(
+    errors: list[BaseException], call: Callable[[int], Awaitable[object]], cost: int
+) -> Awaitable[object] | None:
+    try:
+        return call(cost)
+    except BaseException as exc:  # collected; the first is raised later
+        errors.append(exc)
+        return None
+
+
+async def _await_all(awaitables: list[Awaitable[object]], errors: list[BaseException]) -> None:
+    for awaitable in awaitables:
+        await _collect_async(errors, awaitable)
+
+
+#: Releases running on their own, kept alive until they finish (a loop holds tasks weakly).
+_RELEASING: set[asyncio.Task[None]] = set()
+
+
+async def _uninterrupted(releases: Coroutine[Any, Any, None]) -> None:
+    """Run ``releases`` to its end even if the caller is cancelled while it runs.
+
+    A cancellation would otherwise land inside a budget's ``release`` and lose its units. The
+    caller still sees its ``CancelledError`` at once; the releases finish on the loop (an error
+    they raise after the caller was cancelled has no one to go to, and is dropped).
+    """
+    task = asyncio.ensure_future(releases)
+    _RELEASING.add(task)
+    task.add_done_callback(_RELEASING.discard)
+    await asyncio.shield(task)
 
 
 def _release_sync(budget: BudgetGuard, cost: int) -> None:
@@ -504,11 +549,15 @@ def _check_timeout(timeout: float | None) -> float | None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout)}")
-    if not timeout >= 0:
+    try:
+        seconds = float(timeout)
+    except OverflowError:  # an int beyond every float, as the native calls refuse it
+        raise ValueError("timeout must be a number of seconds; this one is too large") from None
+    if not seconds >= 0:
         raise ValueError(f"timeout must be a number of seconds >= 0 or None, got {timeout}")
-    if math.isinf(timeout):
+    if math.isinf(seconds):
         return None
-    return float(timeout)
+    return seconds
 
 
 def admit(
@@ -609,7 +658,9 @@ def admit_blocking(
                 watches = _watch_all(parts, woken.set)
                 continue
             delay, backoff = _sleep_for(blocker, backoff, left)
-            woken.wait(delay)
+            # A thread waits at most TIMEOUT_MAX at a time (a longer one is an OverflowError):
+            # a huge timeout, or a very slow refill, just loops here once in a while.
+            woken.wait(None if delay is None else min(delay, threading.TIMEOUT_MAX))
     except BaseException:
         held.give_back_sync()
         raise

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import functools
 import math
-import threading
 import weakref
 from collections.abc import Callable
 from typing import Protocol, TypeVar
@@ -47,21 +46,25 @@ def _resolve(future: asyncio.Future[None]) -> None:
 class _Signal:
     """A wake-up flag for one waiting task: set from any thread, awaited on its loop."""
 
-    __slots__ = ("__weakref__", "_flag", "_future", "_loop", "_thread")
+    __slots__ = ("__weakref__", "_flag", "_future", "_loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._thread = threading.get_ident()
         self._future: asyncio.Future[None] | None = None
         self._flag = False
 
     def wake(self) -> None:
         """Wake the task; the budget calls it (never under its lock) from any thread."""
-        if threading.get_ident() == self._thread:
-            self._fire()
-        else:
-            # A closed loop raises RuntimeError: its tasks are gone, there is nothing to wake.
-            with contextlib.suppress(RuntimeError):
+        # A closed loop raises RuntimeError (resolving the future schedules the task): its
+        # tasks never run again. The future is still resolved first, so that the wait, if
+        # another loop's task drives it later, finds its wake-up.
+        with contextlib.suppress(RuntimeError):
+            if asyncio.events._get_running_loop() is self._loop or self._loop.is_closed():
+                self._fire()  # from inside the loop itself: no hand-over needed
+            else:
+                # Any other thread, or this one while the loop is stopped: a loop may run on
+                # another thread than the one its wait started on, and only the thread-safe
+                # call wakes its selector.
                 self._loop.call_soon_threadsafe(self._fire)
 
     def _fire(self) -> None:
@@ -94,12 +97,17 @@ def _wake(signal: weakref.ref[_Signal]) -> None:
 
 async def wait(owner: _Owner[_T], timeout: float | None) -> _T:
     """Queue ``owner``'s request and wait for its grant; return ``owner._finish(waiter)``."""
-    loop = asyncio.get_running_loop()
-    deadline = None if timeout is None or math.isinf(timeout) else loop.time() + timeout
-    signal = _Signal(loop)
-    # The budget's queue holds the wake-up weakly: a task dropped while it waits (its loop closed
-    # without cancelling it) is not kept alive by the queue, and its clean-up below then runs.
-    waiter = owner._enqueue(functools.partial(_wake, weakref.ref(signal)))
+    try:
+        loop = asyncio.get_running_loop()  # RuntimeError where no asyncio loop runs
+        deadline = None if timeout is None or math.isinf(timeout) else loop.time() + timeout
+        signal = _Signal(loop)
+        # The budget's queue holds the wake-up weakly: a task dropped while it waits (its loop
+        # closed without cancelling it) is not kept alive by the queue, and its clean-up below
+        # then runs.
+        waiter = owner._enqueue(functools.partial(_wake, weakref.ref(signal)))
+    except BaseException:
+        owner._reset()  # nothing was queued: the request may be awaited again
+        raise
     try:
         while not waiter.granted:
             delay = waiter.poll()  # grants whatever fits; the refill timer if first in line

@@ -175,9 +175,8 @@ impl Awaitable {
         traceback: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Py<PyAny>> {
         let _ = traceback; // the legacy third argument of `generator.throw`
-        let exception = to_exception(exception, value);
-        slf.get().abandon();
-        step_to_python(<Self as FastAwait>::throw(slf.as_borrowed(), exception?))
+        let exception = to_exception(exception, value)?; // bad input: nothing is abandoned
+        step_to_python(<Self as FastAwait>::throw(slf.as_borrowed(), exception))
     }
 
     /// Closes the awaitable: a deferred grant not yet made is never made.

@@ -7,10 +7,10 @@
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use pyo3::exceptions::{PyBaseException, PyRuntimeError, PyStopIteration};
+use pyo3::exceptions::{PyBaseException, PyRuntimeError, PyStopIteration, PyTypeError};
 use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
-use pyo3::types::{PyNone, PyTuple};
+use pyo3::types::{PyNone, PyTuple, PyType};
 use pyo3::{BoundObject, PyClass, PyTraverseError, PyTypeInfo, ffi, intern};
 
 use super::panic_guard::catch_panic;
@@ -69,7 +69,15 @@ pub(crate) trait FastAwait:
 /// and on the path that does not suspend it is never touched.
 ///
 /// The lock only guards the slot: it is never held across a call into Python.
-pub(crate) struct Delegate(Mutex<Option<Py<PyAny>>>);
+pub(crate) struct Delegate(Mutex<Option<Wait>>);
+
+/// The wait a [`Delegate`] hands its steps to, and what it last yielded.
+struct Wait {
+    iterator: Py<PyAny>,
+    /// The future the wait last yielded to the task driving it: a step sent in while it is not
+    /// done comes from another driver (a second task handed the same request).
+    yielded: Option<Py<PyAny>>,
+}
 
 impl Delegate {
     /// An empty slot.
@@ -77,23 +85,39 @@ impl Delegate {
         Self(Mutex::new(None))
     }
 
-    fn slot(&self) -> MutexGuard<'_, Option<Py<PyAny>>> {
+    fn slot(&self) -> MutexGuard<'_, Option<Wait>> {
         // Nothing panics with the lock held, but a poisoned slot is still a valid slot.
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn current<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyAny>> {
-        self.slot()
-            .as_ref()
-            .map(|iterator| iterator.bind(py).clone())
+    fn current<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> Option<(Bound<'py, PyAny>, Option<Bound<'py, PyAny>>)> {
+        self.slot().as_ref().map(|wait| {
+            (
+                wait.iterator.bind(py).clone(),
+                wait.yielded.as_ref().map(|f| f.bind(py).clone()),
+            )
+        })
     }
 
-    /// Empties the slot once the wait has finished (returned or raised); the reference is
-    /// dropped as a `Bound`, at once, since a raw slot may be running this.
+    /// Records what a step gave: the future yielded, or (once the wait has finished, returned
+    /// or raised) an empty slot. What is replaced is dropped as a `Bound`, at once and outside
+    /// the lock, since a raw slot may be running this.
     fn settle<'py>(&self, py: Python<'py>, step: PyResult<Step<'py>>) -> PyResult<Step<'py>> {
-        if !matches!(step, Ok(Step::Yield(_))) {
-            let finished = self.slot().take();
-            drop(finished.map(|iterator| iterator.into_bound(py)));
+        let mut slot = self.slot();
+        let replaced = match &step {
+            Ok(Step::Yield(future)) => slot
+                .as_mut()
+                .and_then(|wait| wait.yielded.replace(future.clone().unbind()))
+                .map(|old| (old, None)),
+            _ => slot.take().map(|wait| (wait.iterator, wait.yielded)),
+        };
+        drop(slot);
+        if let Some((first, second)) = replaced {
+            drop(first.into_bound(py));
+            drop(second.map(|second| second.into_bound(py)));
         }
         step
     }
@@ -106,14 +130,33 @@ impl Delegate {
         value: Borrowed<'_, 'py, PyAny>,
     ) -> PyResult<Step<'py>> {
         let py = owner.py();
-        if let Some(iterator) = self.current(py) {
+        if let Some((iterator, yielded)) = self.current(py) {
+            if let Some(future) = yielded {
+                // The task driving the wait steps it only once the future it waits on is done
+                // (or throws in a cancellation); a step before that is another driver's.
+                if !future.call_method0(intern!(py, "done"))?.is_truthy()? {
+                    return Err(PyRuntimeError::new_err(
+                        "this request is already being awaited (by another task)",
+                    ));
+                }
+            }
             return self.settle(py, send(&iterator, value));
+        }
+        if !value.is_none() {
+            // Refused before anything starts, as a coroutine refuses it: sent on, it would
+            // reach a wait that never ran (left "being awaited" for ever, and never awaited).
+            return Err(PyTypeError::new_err(
+                "can't send non-None value to a just-started coroutine",
+            ));
         }
         let iterator = T::enter(owner)?;
         if iterator.is(&*owner) {
             return T::step(owner).map(Step::Return);
         }
-        *self.slot() = Some(iterator.clone().unbind());
+        *self.slot() = Some(Wait {
+            iterator: iterator.clone().unbind(),
+            yielded: None,
+        });
         self.settle(py, send(&iterator, value))
     }
 
@@ -123,7 +166,7 @@ impl Delegate {
         py: Python<'py>,
         exception: Bound<'py, PyAny>,
     ) -> PyResult<Step<'py>> {
-        let Some(iterator) = self.current(py) else {
+        let Some((iterator, _)) = self.current(py) else {
             return Err(PyErr::from_value(exception));
         };
         let step = match iterator.call_method1(intern!(py, "throw"), (exception,)) {
@@ -138,9 +181,13 @@ impl Delegate {
 
     /// Closes the wait in progress, if any: its clean-up leaves the queue and takes nothing.
     pub(crate) fn close(&self, py: Python<'_>) -> PyResult<()> {
-        let iterator = self.slot().take().map(|iterator| iterator.into_bound(py));
-        match iterator {
-            Some(iterator) => iterator.call_method0(intern!(py, "close")).map(drop),
+        let wait = self.slot().take();
+        match wait {
+            Some(wait) => {
+                drop(wait.yielded.map(|future| future.into_bound(py)));
+                let iterator = wait.iterator.into_bound(py);
+                iterator.call_method0(intern!(py, "close")).map(drop)
+            }
             None => Ok(()),
         }
     }
@@ -150,15 +197,18 @@ impl Delegate {
         // The lock is never held across a call into Python, so it is free during a collection;
         // skipping a visit would only keep an object alive longer.
         if let Ok(slot) = self.0.try_lock() {
-            visit.call(&*slot)?;
+            if let Some(wait) = slot.as_ref() {
+                visit.call(&wait.iterator)?;
+                visit.call(&wait.yielded)?;
+            }
         }
         Ok(())
     }
 
     /// Drops the wait held (the garbage collector breaking a cycle).
     pub(crate) fn clear(&self) {
-        let iterator = self.slot().take();
-        drop(iterator);
+        let wait = self.slot().take();
+        drop(wait);
     }
 }
 
@@ -180,7 +230,9 @@ fn send<'py>(iterator: &Bound<'py, PyAny>, value: Borrowed<'_, 'py, PyAny>) -> P
     }
 }
 
-/// The exception `throw(exception, value, traceback)` raises, built as `generator.throw` does.
+/// The exception `throw(exception, value, traceback)` raises, built as `generator.throw` does:
+/// an exception instance, or an exception class instantiated with `value`. Anything else is a
+/// `TypeError`, raised before the caller changes any state.
 pub(crate) fn to_exception<'py>(
     exception: &Bound<'py, PyAny>,
     value: Option<&Bound<'py, PyAny>>,
@@ -188,10 +240,26 @@ pub(crate) fn to_exception<'py>(
     if exception.is_instance_of::<PyBaseException>() {
         return Ok(exception.clone());
     }
-    match value {
-        Some(value) if value.is_instance_of::<PyBaseException>() => Ok(value.clone()),
-        Some(value) => exception.call1((value,)),
-        None => exception.call0(),
+    let is_class = exception
+        .cast::<PyType>()
+        .is_ok_and(|kind| kind.is_subclass_of::<PyBaseException>().unwrap_or(false));
+    if !is_class {
+        return Err(PyTypeError::new_err(format!(
+            "exceptions must be classes or instances deriving from BaseException, not {}",
+            crate::py::args::type_name(exception)
+        )));
+    }
+    let made = match value {
+        Some(value) if value.is_instance_of::<PyBaseException>() => return Ok(value.clone()),
+        Some(value) => exception.call1((value,))?,
+        None => exception.call0()?,
+    };
+    if made.is_instance_of::<PyBaseException>() {
+        Ok(made)
+    } else {
+        Err(PyTypeError::new_err(
+            "the exception class thrown in made something that is not an exception",
+        ))
     }
 }
 

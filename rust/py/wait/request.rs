@@ -37,14 +37,26 @@ pub(super) fn used_up(what: &str, call: &str) -> PyErr {
     ))
 }
 
-/// Takes the single entry of a `with` / `async with` block.
+/// `RuntimeError` for a request awaited (or entered) while its wait is in progress.
+fn being_awaited() -> PyErr {
+    PyRuntimeError::new_err("this request is already being awaited")
+}
+
+/// Takes the single entry of a `with` / `async with` block. A request whose wait is in
+/// progress (awaited by its owner's task) is refused without taking the entry, which stays
+/// its owner's.
 pub(super) fn enter_once(
     state: &AtomicU8,
     entered: &AtomicBool,
     what: &str,
     call: &str,
 ) -> PyResult<()> {
-    if state.load(Ordering::Acquire) == RELEASED || entered.swap(true, Ordering::AcqRel) {
+    match state.load(Ordering::Acquire) {
+        RELEASED => return Err(used_up(what, call)),
+        WAITING => return Err(being_awaited()),
+        _ => {}
+    }
+    if entered.swap(true, Ordering::AcqRel) {
         return Err(used_up(what, call));
     }
     Ok(())
@@ -73,11 +85,7 @@ pub(super) fn enter_wait<'py, T: FastAwait>(
     let py = slf.py();
     match state.compare_exchange(PENDING, WAITING, Ordering::AcqRel, Ordering::Acquire) {
         Ok(_) => {}
-        Err(WAITING) => {
-            return Err(PyRuntimeError::new_err(
-                "this request is already being awaited",
-            ));
-        }
+        Err(WAITING) => return Err(being_awaited()),
         Err(GRANTED) => return Ok(slf.to_owned().into_any()), // await returns at once
         Err(_) => return Err(used()),
     }
