@@ -268,6 +268,32 @@ def _record_usage_sync(
         run_to_completion(budget.record_usage(reservation, prompt, completion))
 
 
+class _Unraisable:
+    """Carries an error to ``sys.unraisablehook``: CPython reports what a finaliser raises."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def __del__(self) -> None:
+        raise self.error
+
+
+def _warn(message: str) -> None:
+    """Warn of a settlement (``RuntimeWarning``), without ever raising out of it.
+
+    Under a filter that turns warnings into errors (``-W error``, pytest's
+    ``filterwarnings = error``) the warning is reported as unraisable instead, as a failing
+    refund of a dropped reservation is: raised out of a gated call, it would cost the caller
+    the answer the provider billed, after the budgets were settled.
+    """
+    try:
+        warnings.warn(message, RuntimeWarning, stacklevel=5)
+    except Warning as error:
+        _Unraisable(error)  # dropped at once: its finaliser reports the error
+
+
 class Pass:
     """One admitted request. Settle it once: ``settle``, ``refund`` or ``settle_at_estimate``."""
 
@@ -328,16 +354,18 @@ class Pass:
             charges.append((gate.dollars, r, price, 0))
         return charges
 
-    def _read(self, usage: object) -> Usage | None:
-        """``usage_of(usage)``; None (and a warning) when it is no usage costbound can read."""
+    def _read(self, usage: object, notes: list[str]) -> Usage | None:
+        """``usage_of(usage)``; None (and a note to warn of) when costbound cannot read it.
+
+        The note is warned of once the settlement is done (:meth:`_report`): a warning that a
+        filter turns into an error must not stop the charge it announces.
+        """
         try:
             return usage_of(usage)
         except (TypeError, ValueError) as error:  # not a usage, or impossible counts
-            warnings.warn(
+            notes.append(
                 f"costbound cannot read the usage of this {self.model or 'model'} response "
-                f"({error}); it is charged at its estimate",
-                RuntimeWarning,
-                stacklevel=3,
+                f"({error}); it is charged at its estimate"
             )
             return None
 
@@ -351,7 +379,8 @@ class Pass:
         ``RuntimeWarning``; every other budget is still settled and every guard released.
         """
         if self._claim():
-            await self._record(lambda: self._charges(self._read(usage)))
+            notes: list[str] = []
+            await self._record(lambda: self._charges(self._read(usage, notes)), notes)
 
     async def settle_at_estimate(self) -> None:
         """Charge the estimates (sent, but no usage arrived), release the guards."""
@@ -374,18 +403,24 @@ class Pass:
         else:
             await self.refund()
 
-    async def _record(self, charges: Callable[[], list[_Charge]]) -> None:
-        """Record each charge, then close the ticket (refunds the rest, releases the guards)."""
+    async def _record(
+        self, charges: Callable[[], list[_Charge]], notes: list[str] | None = None
+    ) -> None:
+        """Record each charge, then close the ticket (refunds the rest, releases the guards).
+
+        ``notes`` (filled while the charges are worked out) are warned of afterwards.
+        """
         failures: list[tuple[object, Exception]] = []
         for budget, reservation, prompt, completion in _planned(charges, failures):
             await _kept(failures, budget, budget.record_usage, reservation, prompt, completion)
         await _kept(failures, "its guards", self._ticket.close)
-        self._report(failures)
+        self._report(failures, notes)
 
     def settle_sync(self, usage: object) -> None:
         """Do what :meth:`settle` does, with the budgets' blocking methods."""
         if self._claim():
-            self._record_sync(lambda: self._charges(self._read(usage)))
+            notes: list[str] = []
+            self._record_sync(lambda: self._charges(self._read(usage, notes)), notes)
 
     def settle_at_estimate_sync(self) -> None:
         """Do what :meth:`settle_at_estimate` does, with the budgets' blocking methods."""
@@ -404,25 +439,33 @@ class Pass:
         else:
             self.refund_sync()
 
-    def _record_sync(self, charges: Callable[[], list[_Charge]]) -> None:
+    def _record_sync(
+        self, charges: Callable[[], list[_Charge]], notes: list[str] | None = None
+    ) -> None:
         failures: list[tuple[object, Exception]] = []
         for budget, reservation, prompt, completion in _planned(charges, failures):
             _kept_sync(
                 failures, budget, _record_usage_sync, budget, reservation, prompt, completion
             )
         _kept_sync(failures, "its guards", self._ticket.close_sync)
-        self._report(failures)
+        self._report(failures, notes)
 
-    def _report(self, failures: list[tuple[object, Exception]]) -> None:
-        """Warn of each budget the settlement failed on (``RuntimeWarning``); raise nothing."""
+    def _report(
+        self, failures: list[tuple[object, Exception]], notes: list[str] | None = None
+    ) -> None:
+        """Warn of ``notes`` and of each budget the settlement failed on; raise nothing.
+
+        The budgets are settled by now, and the caller must get the provider's answer: see
+        :func:`_warn` for a warning that a filter turns into an error.
+        """
+        for note in notes or ():
+            _warn(note)
         for budget, error in failures:
             where = budget if isinstance(budget, str) else repr(budget)
-            warnings.warn(
+            _warn(
                 f"costbound could not settle a {self.model or 'model'} call on {where} "
                 f"({type(error).__name__}: {error}); the caller gets the response all the same. "
-                "A Redis budget re-sends a failed settlement with its next call or flush()",
-                RuntimeWarning,
-                stacklevel=4,
+                "A Redis budget re-sends a failed settlement with its next call or flush()"
             )
 
     def abandon(self) -> None:

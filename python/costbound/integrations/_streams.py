@@ -54,10 +54,12 @@ class Sdk:
     observed: bool = False  # whether the client's HTTP attempts are observed (``_attempts``)
 
 
-#: Whether this thread or task is inside a gated call: a gated method that the SDK calls from
+#: The gates this thread or task is inside a call of: a gated method that the SDK calls from
 #: another (``create`` calls the client's ``post``, itself gated for frameworks that call it
-#: directly) is not gated twice.
-_INSIDE: ContextVar[bool] = ContextVar("costbound_inside_a_gated_call", default=False)
+#: directly) does not enter the same gate twice. Another gate is entered all the same: a client
+#: guarded twice (a copy of an organisation's guarded client, guarded again with a user's
+#: budget) is charged by both.
+_INSIDE: ContextVar[frozenset[Gate]] = ContextVar("costbound_gates_entered", default=frozenset())
 
 
 def _model_argument(kwargs: dict[str, Any]) -> str | None:
@@ -79,13 +81,13 @@ def gated_sync(
 
     @functools.wraps(call)
     def gated(*args: Any, **given: Any) -> Any:  # noqa: ANN401 - the SDK's own types
-        if _INSIDE.get():
+        if gate in _INSIDE.get():
             return call(*args, **given)
         kwargs = without_unset(given, sdk.unset)
         prompt, bound = request(kwargs)
         model = model_of(kwargs)
         passed = gate.enter_sync(model=model, prompt=prompt, max_output_tokens=bound)
-        with _calling(sdk) as attempts:
+        with _calling(gate, sdk) as attempts:
             try:
                 response = call(*args, **kwargs)
             except BaseException as error:
@@ -110,13 +112,13 @@ def gated_async(
 
     @functools.wraps(call)
     async def gated(*args: Any, **given: Any) -> Any:  # noqa: ANN401 - the SDK's own types
-        if _INSIDE.get():
+        if gate in _INSIDE.get():
             return await call(*args, **given)
         kwargs = without_unset(given, sdk.unset)
         prompt, bound = request(kwargs)
         model = model_of(kwargs)
         passed = await gate.enter(model=model, prompt=prompt, max_output_tokens=bound)
-        with _calling(sdk) as attempts:
+        with _calling(gate, sdk) as attempts:
             try:
                 response = await call(*args, **kwargs)
             except BaseException as error:
@@ -131,9 +133,9 @@ def gated_async(
 
 
 @contextlib.contextmanager
-def _calling(sdk: Sdk) -> Iterator[Attempts | None]:
-    """Mark the block as inside a gated call, and record its attempts (when observed)."""
-    token = _INSIDE.set(True)
+def _calling(gate: Gate, sdk: Sdk) -> Iterator[Attempts | None]:
+    """Mark the block as inside a call of ``gate``, and record its attempts (when observed)."""
+    token = _INSIDE.set(_INSIDE.get() | {gate})
     try:
         with attempts_of(sdk) as attempts:
             yield attempts

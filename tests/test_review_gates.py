@@ -1,0 +1,216 @@
+"""Gates as a demanding user drives them (spec 11, 11a): found by a hostile review.
+
+- A client guarded twice (a copy of an organisation's guarded client, guarded again with a
+  user's budget) is gated by both gates: each charges its own budgets once. One gate is never
+  entered twice for one call (``create`` calling the client's gated ``post``).
+- Under the ``warnings`` filter ``"error"`` (pytest's ``filterwarnings = error``, ``-W error``)
+  a settlement that warns still charges what it says (an unreadable usage at the estimate), and
+  the caller still gets the provider's answer: the warning turned error goes to
+  ``sys.unraisablehook`` rather than out of the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import sys
+import warnings
+
+import anthropic
+import openai
+import pytest
+from costbound import AtomicBudget, AtomicTokenBudget
+from costbound.integrations import anthropic as anthropic_gate
+from costbound.integrations import openai as openai_gate
+from costbound.prices import Price, PriceTable
+
+KINDS = ["sync", "async"]
+SDKS = [openai, anthropic]
+MESSAGES = [{"role": "user", "content": "x" * 400}]  # 129 input tokens
+ESTIMATE = 129 + 100
+
+
+def _flavour(sdk):
+    return importlib.import_module(sdk.DefaultAsyncHttpxClient.__mro__[1].__module__.split(".")[0])
+
+
+def _answer(sdk, usage):
+    if sdk is openai:
+        return {
+            "id": "c1",
+            "object": "chat.completion",
+            "created": 1,
+            "model": "m",
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "message": {"role": "assistant", "content": "ok"},
+                }
+            ],
+            "usage": usage,
+        }
+    return {
+        "id": "m1",
+        "type": "message",
+        "role": "assistant",
+        "model": "m",
+        "content": [{"type": "text", "text": "ok"}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": usage,
+    }
+
+
+USAGES = {
+    openai: {"prompt_tokens": 30, "completion_tokens": 5, "total_tokens": 35},
+    anthropic: {"input_tokens": 30, "output_tokens": 5},
+}
+#: Counts no provider reports: ``usage_of`` refuses them, the call is charged its estimate.
+IMPOSSIBLE = {
+    openai: {"prompt_tokens": -1, "completion_tokens": 5, "total_tokens": 4},
+    anthropic: {"input_tokens": -1, "output_tokens": 5},
+}
+
+
+def _client(sdk, kind, usage):
+    httpx = _flavour(sdk)
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json=_answer(sdk, usage)))
+    if kind == "async":
+        http, cls = httpx.AsyncClient(transport=transport), sdk.AsyncClient
+    else:
+        http, cls = httpx.Client(transport=transport), sdk.Client
+    return cls(api_key="k", max_retries=0, http_client=http)
+
+
+def _guard(sdk, client, **gate):
+    return (openai_gate if sdk is openai else anthropic_gate).guard(client, **gate)
+
+
+async def _call(kind, sdk, client):
+    def create():
+        if sdk is openai:
+            return client.chat.completions.create(
+                model="m", messages=MESSAGES, max_completion_tokens=100
+            )
+        return client.messages.create(model="m", messages=MESSAGES, max_tokens=100)
+
+    if kind == "async":
+        return await create()
+    return await asyncio.to_thread(create)
+
+
+# --- a client guarded twice -----------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("sdk", SDKS, ids=lambda s: s.__name__)
+@pytest.mark.parametrize("how", ["guard of guard", "guarded copy"])
+async def test_a_client_guarded_twice_is_charged_by_both_gates(kind, sdk, how):
+    org, user = AtomicTokenBudget(100_000), AtomicTokenBudget(100_000)
+    org_slots, user_slots = AtomicBudget(1), AtomicBudget(1)
+    client = _guard(sdk, _client(sdk, kind, USAGES[sdk]), tokens=org, guards={org_slots: 1})
+    if how == "guarded copy":
+        client = client.with_options(timeout=5.0)
+    client = _guard(sdk, client, tokens=user, guards={user_slots: 1})
+    for _ in range(2):
+        await _call(kind, sdk, client)
+    # Each gate charged the usage of each call once, and gave its slot back.
+    assert (org.consumed, user.consumed) == (70, 70)
+    assert (org.available, user.available) == (100_000 - 70, 100_000 - 70)
+    assert (org_slots.available, user_slots.available) == (1, 1)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("sdk", SDKS, ids=lambda s: s.__name__)
+async def test_the_inner_gate_of_a_client_guarded_twice_still_denies(kind, sdk):
+    from costbound import BudgetExhausted
+
+    org, user = AtomicTokenBudget(100), AtomicTokenBudget(100_000)
+    client = _guard(sdk, _client(sdk, kind, USAGES[sdk]), tokens=org)
+    client = _guard(sdk, client, tokens=user)
+    with pytest.raises(BudgetExhausted) as denied:
+        await _call(kind, sdk, client)
+    assert denied.value.budget is org
+    assert (org.available, user.available) == (100, 100_000)  # the outer hold given back
+
+
+# --- warnings turned into errors ------------------------------------------------------------
+
+
+class Unraisable:
+    """Collects what reaches ``sys.unraisablehook``."""
+
+    def __init__(self) -> None:
+        self.seen: list[BaseException | None] = []
+
+    def __call__(self, unraisable) -> None:
+        self.seen.append(unraisable.exc_value)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("sdk", SDKS, ids=lambda s: s.__name__)
+async def test_an_unreadable_usage_under_a_warnings_error_filter(kind, sdk, monkeypatch):
+    tokens, slots = AtomicTokenBudget(100_000), AtomicBudget(1)
+    client = _guard(sdk, _client(sdk, kind, IMPOSSIBLE[sdk]), tokens=tokens, guards={slots: 1})
+    hook = Unraisable()
+    monkeypatch.setattr(sys, "unraisablehook", hook)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        response = await _call(kind, sdk, client)
+    assert response.usage is not None  # the caller got the provider's answer
+    # Charged at its estimate, as the warning says, not refunded.
+    assert tokens.consumed == ESTIMATE
+    assert tokens.available == 100_000 - ESTIMATE
+    assert slots.available == 1
+    assert len(hook.seen) == 1
+    assert isinstance(hook.seen[0], RuntimeWarning)
+    assert "cannot read the usage" in str(hook.seen[0])
+
+
+class FailingRecords:
+    """A user-written TokenBudget whose ``record_usage`` raises (its store went away)."""
+
+    def __init__(self) -> None:
+        self.inner = AtomicTokenBudget(100_000)
+
+    async def try_reserve_tokens(self, estimate):
+        return self.inner.try_reserve_tokens_sync(estimate)
+
+    async def record_usage(self, reservation, prompt, completion):
+        raise ConnectionError("store away")
+
+    async def tokens_consumed(self):
+        return self.inner.consumed
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("sdk", SDKS, ids=lambda s: s.__name__)
+async def test_a_failed_settlement_under_a_warnings_error_filter_keeps_the_answer(
+    kind, sdk, monkeypatch
+):
+    failing, tokens, slots = FailingRecords(), AtomicTokenBudget(100_000), AtomicBudget(1)
+    prices = PriceTable({"m": Price(input=1, output=1)})
+    client = _guard(
+        sdk,
+        _client(sdk, kind, USAGES[sdk]),
+        tokens=tokens,
+        dollars=failing,
+        guards={slots: 1},
+        prices=prices,
+    )
+    hook = Unraisable()
+    monkeypatch.setattr(sys, "unraisablehook", hook)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        response = await _call(kind, sdk, client)
+    assert response.usage is not None
+    assert tokens.consumed == 35  # every other budget settled
+    assert failing.inner.available == 100_000  # the failed one's hold given back
+    assert slots.available == 1
+    assert [type(error) for error in hook.seen] == [RuntimeWarning]
+    assert "could not settle" in str(hook.seen[0])
