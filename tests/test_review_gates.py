@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
+import json
 import sys
 import warnings
 
@@ -214,3 +216,66 @@ async def test_a_failed_settlement_under_a_warnings_error_filter_keeps_the_answe
     assert slots.available == 1
     assert [type(error) for error in hook.seen] == [RuntimeWarning]
     assert "could not settle" in str(hook.seen[0])
+
+
+# --- a stream read in part with next() / anext(), then dropped -------------------------------
+
+
+def _sse(sdk):
+    if sdk is openai:
+        chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+        delta = {"index": 0, "delta": {"content": "ok"}, "finish_reason": None}
+        events = [{**chunk, "choices": [delta]}] * 3
+        return "".join(f"data: {json.dumps(e)}\n\n" for e in events)
+    start = {
+        "id": "m1",
+        "type": "message",
+        "role": "assistant",
+        "model": "m",
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {"input_tokens": 3, "output_tokens": 1},
+    }
+    events = [{"type": "message_start", "message": start}, {"type": "ping"}, {"type": "ping"}]
+    return "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events)
+
+
+def _streaming_client(sdk, kind):
+    httpx = _flavour(sdk)
+    headers = {"content-type": "text/event-stream"}
+    transport = httpx.MockTransport(lambda r: httpx.Response(200, text=_sse(sdk), headers=headers))
+    if kind == "async":
+        http, cls = httpx.AsyncClient(transport=transport), sdk.AsyncClient
+    else:
+        http, cls = httpx.Client(transport=transport), sdk.Client
+    return cls(api_key="k", max_retries=0, http_client=http)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("sdk", SDKS, ids=lambda s: s.__name__)
+async def test_a_stream_read_in_part_and_dropped_is_charged_its_estimate(kind, sdk):
+    tokens, slots = AtomicTokenBudget(100_000), AtomicBudget(1)
+    client = _guard(sdk, _streaming_client(sdk, kind), tokens=tokens, guards={slots: 1})
+    calls = 4
+    for _ in range(calls):
+        if sdk is openai:
+            made = client.chat.completions.create(
+                model="m", messages=MESSAGES, max_completion_tokens=100, stream=True
+            )
+        else:
+            made = client.messages.create(model="m", messages=MESSAGES, max_tokens=100, stream=True)
+        if kind == "async":
+            stream = await made
+            await anext(stream)
+        else:
+            stream = made
+            next(stream)
+        del stream, made
+        gc.collect()
+        await asyncio.sleep(0.01)  # an async generator is closed by a task of the loop
+    # Each call went out and was billed: charged its estimate, never refunded.
+    assert tokens.consumed == calls * ESTIMATE
+    assert tokens.available == 100_000 - calls * ESTIMATE
+    assert slots.available == 1

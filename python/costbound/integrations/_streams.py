@@ -206,6 +206,11 @@ class _Watched:
     recorded with the attempts of the call that made the stream, and a read that raises is
     settled as a failed call is (:meth:`Pass.fail`). Without observed attempts a failed read
     is charged at the estimate, as a stream cut short is.
+
+    The generator that reads the stream (kept for ``next()`` / ``anext()``) holds the parts,
+    never the wrapper: a wrapper that held its generator that held the wrapper would be a cycle,
+    and the collector finalises a cycle's objects in any order, so the pass's reservations
+    could be refunded (dropped) before the pass charged the abandoned stream its estimate.
     """
 
     def __init__(
@@ -220,12 +225,6 @@ class _Watched:
         self._watcher = watcher
         self._attempts = attempts
 
-    def _reading(self) -> contextlib.AbstractContextManager[object]:
-        """Record the attempts a read makes (one ``next``: never across a ``yield``)."""
-        if self._attempts is None:
-            return contextlib.nullcontext()
-        return recording(self._attempts)
-
     def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - the SDK stream's attributes
         return getattr(self._stream, name)
 
@@ -236,23 +235,7 @@ class SyncStream(_Watched):
     _items: Iterator[Any] | None = None
 
     def __iter__(self) -> Iterator[Any]:
-        items = iter(self._stream)
-        try:
-            while True:
-                try:
-                    with self._reading():
-                        item = next(items)
-                except StopIteration:
-                    return
-                except Exception as error:
-                    if self._attempts is not None:
-                        self._passed.fail_sync(error, self._attempts)
-                    raise
-                self._watcher.see(item)
-                self._passed.keep_alive_sync()
-                yield item
-        finally:
-            settle_sync(self._passed, self._watcher.usage)
+        return _read_sync(self._stream, self._passed, self._watcher, self._attempts)
 
     def __next__(self) -> Any:  # noqa: ANN401 - the SDK's items
         """``next(stream)``, as the SDK's own stream allows."""
@@ -279,24 +262,8 @@ class AsyncStream(_Watched):
 
     _items: AsyncIterator[Any] | None = None
 
-    async def __aiter__(self) -> AsyncIterator[Any]:
-        items = aiter(self._stream)
-        try:
-            while True:
-                try:
-                    with self._reading():
-                        item = await anext(items)
-                except StopAsyncIteration:
-                    return
-                except Exception as error:
-                    if self._attempts is not None:
-                        await self._passed.fail(error, self._attempts)
-                    raise
-                self._watcher.see(item)
-                await self._passed.keep_alive()
-                yield item
-        finally:
-            await settle(self._passed, self._watcher.usage)
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return _read_async(self._stream, self._passed, self._watcher, self._attempts)
 
     def __anext__(self) -> Awaitable[Any]:
         """``anext(stream)``, as the SDK's own stream allows."""
@@ -320,3 +287,60 @@ class AsyncStream(_Watched):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _reading(attempts: Attempts | None) -> contextlib.AbstractContextManager[object]:
+    """Record the attempts a read makes (one ``next``: never across a ``yield``)."""
+    return contextlib.nullcontext() if attempts is None else recording(attempts)
+
+
+def _read_sync(
+    stream: Any,  # noqa: ANN401 - the SDK's stream
+    passed: Pass,
+    watcher: Watcher,
+    attempts: Attempts | None,
+) -> Iterator[Any]:
+    """Yield ``stream``'s items, watched; settle when it ends, fails or is closed."""
+    items = iter(stream)
+    try:
+        while True:
+            try:
+                with _reading(attempts):
+                    item = next(items)
+            except StopIteration:
+                return
+            except Exception as error:
+                if attempts is not None:
+                    passed.fail_sync(error, attempts)
+                raise
+            watcher.see(item)
+            passed.keep_alive_sync()
+            yield item
+    finally:
+        settle_sync(passed, watcher.usage)
+
+
+async def _read_async(
+    stream: Any,  # noqa: ANN401 - the SDK's stream
+    passed: Pass,
+    watcher: Watcher,
+    attempts: Attempts | None,
+) -> AsyncIterator[Any]:
+    """Do what :func:`_read_sync` does for an async stream."""
+    items = aiter(stream)
+    try:
+        while True:
+            try:
+                with _reading(attempts):
+                    item = await anext(items)
+            except StopAsyncIteration:
+                return
+            except Exception as error:
+                if attempts is not None:
+                    await passed.fail(error, attempts)
+                raise
+            watcher.see(item)
+            await passed.keep_alive()
+            yield item
+    finally:
+        await settle(passed, watcher.usage)
