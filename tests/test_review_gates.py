@@ -279,3 +279,48 @@ async def test_a_stream_read_in_part_and_dropped_is_charged_its_estimate(kind, s
     assert tokens.consumed == calls * ESTIMATE
     assert tokens.available == 100_000 - calls * ESTIMATE
     assert slots.available == 1
+
+
+# --- a caller cancelled while its call is being settled ----------------------------------------
+
+
+class SlowRecords:
+    """A user-written TokenBudget whose store takes a while to record (a network round trip)."""
+
+    def __init__(self) -> None:
+        self.inner = AtomicTokenBudget(100_000)
+        self.recording = asyncio.Event()
+
+    async def try_reserve_tokens(self, estimate):
+        return self.inner.try_reserve_tokens_sync(estimate)
+
+    async def record_usage(self, reservation, prompt, completion):
+        self.recording.set()
+        await asyncio.sleep(0.05)
+        self.inner.record_usage_sync(reservation, prompt, completion)
+
+    async def tokens_consumed(self):
+        return self.inner.consumed
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("sdk", SDKS, ids=lambda s: s.__name__)
+@pytest.mark.parametrize("cancels", [1, 2])
+async def test_a_caller_cancelled_during_its_settlement_loses_no_slot_and_no_charge(sdk, cancels):
+    slow, slots = SlowRecords(), AtomicBudget(1)
+    client = _guard(sdk, _client(sdk, "async", USAGES[sdk]), tokens=slow, guards={slots: 1})
+    call = asyncio.create_task(_call("async", sdk, client))
+    await slow.recording.wait()
+    for _ in range(cancels):  # a TaskGroup or a timeout may cancel more than once
+        call.cancel()
+        await asyncio.sleep(0)
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    for _ in range(100):  # the settlement finishes on its own
+        if slots.available == 1:
+            break
+        await asyncio.sleep(0.01)
+    # The provider answered: its usage is charged, and the slot comes back.
+    assert slow.inner.consumed == 35
+    assert slow.inner.available == 100_000 - 35
+    assert slots.available == 1

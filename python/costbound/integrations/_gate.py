@@ -17,6 +17,7 @@ never gives its guard back (abandoned, crashed) loses it only until its lease en
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import warnings
@@ -268,6 +269,11 @@ def _record_usage_sync(
         run_to_completion(budget.record_usage(reservation, prompt, completion))
 
 
+#: Settlements under way, each in a task of its own (:meth:`Pass._record`): a task the loop
+#: holds only weakly would be collected before it ends once its caller was cancelled.
+_SETTLING: set[asyncio.Future[None]] = set()
+
+
 class _Unraisable:
     """Carries an error to ``sys.unraisablehook``: CPython reports what a finaliser raises."""
 
@@ -408,8 +414,20 @@ class Pass:
     ) -> None:
         """Record each charge, then close the ticket (refunds the rest, releases the guards).
 
-        ``notes`` (filled while the charges are worked out) are warned of afterwards.
+        ``notes`` (filled while the charges are worked out) are warned of afterwards. The
+        settlement runs in a task of its own, shielded: a caller cancelled while it awaits a
+        budget (a TaskGroup, a timeout) is cancelled at once, and the settlement still ends
+        (the usage charged, every guard released) instead of stopping half-way with its
+        guards held for good.
         """
+        settling = asyncio.ensure_future(self._record_now(charges, notes))
+        _SETTLING.add(settling)
+        settling.add_done_callback(_SETTLING.discard)
+        await asyncio.shield(settling)
+
+    async def _record_now(
+        self, charges: Callable[[], list[_Charge]], notes: list[str] | None
+    ) -> None:
         failures: list[tuple[object, Exception]] = []
         for budget, reservation, prompt, completion in _planned(charges, failures):
             await _kept(failures, budget, budget.record_usage, reservation, prompt, completion)
