@@ -324,3 +324,84 @@ async def test_a_caller_cancelled_during_its_settlement_loses_no_slot_and_no_cha
     assert slow.inner.consumed == 35
     assert slow.inner.available == 100_000 - 35
     assert slots.available == 1
+
+
+# --- a stream asked for through with_raw_response / with_streaming_response -------------------
+
+
+def _full_sse(sdk):
+    """A complete stream whose usage comes with its end (OpenAI: 35 tokens; Anthropic: 4)."""
+    if sdk is openai:
+        chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+        delta = {"index": 0, "delta": {"content": "ok"}, "finish_reason": "stop"}
+        events = [{**chunk, "choices": [delta]}, {**chunk, "choices": [], "usage": USAGES[sdk]}]
+        return "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+    text = _sse(sdk)
+    end = [
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            "usage": {"output_tokens": 1},
+        },
+        {"type": "message_stop"},
+    ]
+    return text + "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in end)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("sdk", SDKS, ids=lambda s: s.__name__)
+@pytest.mark.parametrize("view", ["with_raw_response", "with_streaming_response"])
+async def test_a_raw_stream_holds_its_slot_and_settles_at_its_usage(kind, sdk, view):
+    httpx = _flavour(sdk)
+    headers = {"content-type": "text/event-stream"}
+    transport = httpx.MockTransport(
+        lambda r: httpx.Response(200, text=_full_sse(sdk), headers=headers)
+    )
+    if kind == "async":
+        http, cls = httpx.AsyncClient(transport=transport), sdk.AsyncClient
+    else:
+        http, cls = httpx.Client(transport=transport), sdk.Client
+    tokens, slots = AtomicTokenBudget(100_000), AtomicBudget(1)
+    client = _guard(
+        sdk, cls(api_key="k", max_retries=0, http_client=http), tokens=tokens, guards={slots: 1}
+    )
+    resource = client.chat.completions if sdk is openai else client.messages
+    args = {"model": "m", "messages": MESSAGES, "stream": True}
+    args["max_completion_tokens" if sdk is openai else "max_tokens"] = 100
+    create = getattr(resource, view).create
+    held = []
+
+    async def read(stream):
+        if kind == "async":
+            return [item async for item in stream]
+        return await asyncio.to_thread(lambda: list(stream))
+
+    async def parsed(raw):
+        stream = raw.parse()
+        return await stream if asyncio.iscoroutine(stream) else stream
+
+    if view == "with_raw_response":
+        raw = await create(**args) if kind == "async" else await asyncio.to_thread(create, **args)
+        stream = await parsed(raw)
+        held.append(slots.available)
+        items = await read(stream)
+    elif kind == "async":
+        async with create(**args) as raw:
+            stream = await parsed(raw)
+            held.append(slots.available)
+            items = await read(stream)
+    else:
+
+        def whole():
+            with create(**args) as raw:
+                stream = raw.parse()
+                held.append(slots.available)
+                return list(stream)
+
+        items = await asyncio.to_thread(whole)
+    assert len(items) >= 2
+    assert held == [0]  # the stream was being read: its slot was taken
+    used = 35 if sdk is openai else 4
+    assert (tokens.consumed, tokens.available) == (used, 100_000 - used)
+    assert slots.available == 1

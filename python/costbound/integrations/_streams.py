@@ -22,6 +22,7 @@ from costbound.integrations._gate import Gate, Pass
 
 __all__ = [
     "AsyncStream",
+    "RawStream",
     "Sdk",
     "SyncStream",
     "Watcher",
@@ -95,6 +96,10 @@ def gated_sync(
                 raise
         if isinstance(response, sdk.stream):
             return SyncStream(response, passed, sdk.watcher(), attempts)
+        if kwargs.get("stream") and _raw(response) is not None:
+            return RawStream(
+                response, sdk, lambda s: SyncStream(s, passed, sdk.watcher(), attempts)
+            )
         settle_sync(passed, sdk.usage_in(_parsed(response)))
         return response
 
@@ -126,6 +131,10 @@ def gated_async(
                 raise
         if isinstance(response, sdk.stream):
             return AsyncStream(response, passed, sdk.watcher(), attempts)
+        if kwargs.get("stream") and _raw(response) is not None:
+            return RawStream(
+                response, sdk, lambda s: AsyncStream(s, passed, sdk.watcher(), attempts)
+            )
         await settle(passed, sdk.usage_in(await _parsed_async(response)))
         return response
 
@@ -159,8 +168,8 @@ def _raw(response: object) -> Callable[[], Any] | None:
 def _parsed(response: object) -> object | None:
     """Return what a raw response parses to (the SDKs keep it for the caller), else itself.
 
-    A raw stream parses to the SDK's stream, which carries no usage: it is charged at the
-    estimate. So is a raw response that does not parse (None).
+    A raw response that does not parse (None) is charged at the estimate. (A raw stream is
+    not parsed here: see :class:`RawStream`.)
     """
     parse = _raw(response)
     if parse is None:
@@ -181,6 +190,48 @@ async def _parsed_async(response: object) -> object | None:
         except Exception:  # the caller's own parse() will say what is wrong
             return None
     return parsed
+
+
+class RawStream:
+    """The raw response of a stream (``with_raw_response``, ``with_streaming_response``).
+
+    Its ``parse()`` gives the SDK's stream watched (a :class:`SyncStream` or
+    :class:`AsyncStream`, the same one each time), so the call holds its budgets while the
+    stream is read and settles at the usage the stream reports, as a stream asked for
+    directly does. A raw stream never parsed is charged its estimate when it is dropped (its
+    request went out). Everything else is the SDK's raw response's.
+    """
+
+    def __init__(
+        self,
+        raw: Any,  # noqa: ANN401 - the SDK's raw response
+        sdk: Sdk,
+        watch: Callable[[Any], SyncStream | AsyncStream],
+    ) -> None:
+        self._raw = raw
+        self._sdk = sdk
+        self._watch: Callable[[Any], SyncStream | AsyncStream] | None = watch
+        self._watched: SyncStream | AsyncStream | None = None
+
+    def parse(self, **options: Any) -> Any:  # noqa: ANN401 - the SDK's types
+        """Parse as the SDK does (awaitable when the SDK's is), giving its stream watched."""
+        parsed = self._raw.parse(**options)
+        if inspect.isawaitable(parsed):
+            return self._parse_async(parsed)
+        return self._watched_stream(parsed)
+
+    async def _parse_async(self, parsed: Awaitable[Any]) -> Any:  # noqa: ANN401
+        return self._watched_stream(await parsed)
+
+    def _watched_stream(self, parsed: object) -> object:
+        if not isinstance(parsed, self._sdk.stream):
+            return parsed  # parsed as something else (``to=``): the SDK's own
+        if self._watch is not None:  # its pass goes with the first watched stream, once
+            self._watched, self._watch = self._watch(parsed), None
+        return self._watched
+
+    def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - the raw response's attributes
+        return getattr(self._raw, name)
 
 
 def settle_sync(passed: Pass, usage: object | None) -> None:
