@@ -405,3 +405,45 @@ async def test_a_raw_stream_holds_its_slot_and_settles_at_its_usage(kind, sdk, v
     used = 35 if sdk is openai else 4
     assert (tokens.consumed, tokens.available) == (used, 100_000 - used)
     assert slots.available == 1
+
+
+# --- an abandoned call on a user-written budget that delegates to a native one ---------------
+
+
+class Delegating:
+    """A user's TokenBudget that delegates to an atomic one (to log or scope it, say)."""
+
+    def __init__(self) -> None:
+        self.inner = AtomicTokenBudget(100_000)
+
+    async def try_reserve_tokens(self, estimate):
+        return await self.inner.try_reserve_tokens(estimate)
+
+    def try_reserve_tokens_sync(self, estimate):
+        return self.inner.try_reserve_tokens_sync(estimate)
+
+    async def record_usage(self, reservation, prompt, completion):
+        await self.inner.record_usage(reservation, prompt, completion)
+
+    def record_usage_sync(self, reservation, prompt, completion):
+        self.inner.record_usage_sync(reservation, prompt, completion)
+
+    async def tokens_consumed(self):
+        return self.inner.consumed
+
+
+@pytest.mark.parametrize("sdk", SDKS, ids=lambda s: s.__name__)
+def test_an_abandoned_stream_on_a_delegating_budget_is_charged_its_estimate(sdk):
+    tokens = Delegating()
+    client = _guard(sdk, _streaming_client(sdk, "sync"), tokens=tokens)
+    if sdk is openai:
+        stream = client.chat.completions.create(
+            model="m", messages=MESSAGES, max_completion_tokens=100, stream=True
+        )
+    else:
+        stream = client.messages.create(model="m", messages=MESSAGES, max_tokens=100, stream=True)
+    del stream  # never read: its request went out, and was billed
+    gc.collect()
+    # A native refund handle gives back its whole hold whatever it is called with: the
+    # abandoned call must be recorded, not refunded "nothing".
+    assert (tokens.inner.consumed, tokens.inner.available) == (ESTIMATE, 100_000 - ESTIMATE)

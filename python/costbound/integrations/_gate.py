@@ -32,6 +32,7 @@ from costbound._admit import (
     take_now_sync,
 )
 from costbound._admit import _run as run_to_completion
+from costbound._native import NativeRefund
 from costbound._protocols import BudgetGuard, TokenBudget
 from costbound._reservation import TokenReservation
 from costbound._usage import BudgetExhausted, Usage, estimate_tokens, usage_of
@@ -269,6 +270,28 @@ def _record_usage_sync(
         run_to_completion(budget.record_usage(reservation, prompt, completion))
 
 
+def _charge_now(
+    budget: Any,  # noqa: ANN401 - any TokenBudget
+    reservation: TokenReservation,
+    prompt: int,
+    completion: int,
+) -> None:
+    """Charge an abandoned pass's reservation without waiting (:meth:`Pass.abandon`)."""
+    if type(budget) in LOCK_FREE:
+        budget.record_usage_sync(reservation, prompt, completion)
+        return
+    refund = reservation.disarm()
+    if refund is None:
+        return
+    record = getattr(budget, "record_usage_sync", None)
+    if isinstance(refund, NativeRefund) and callable(record):
+        # Rebuilt around its handle, the reservation is still the native budget's own. If
+        # recording raises, the rebuilt one is dropped: its hold goes back, as before.
+        record(TokenReservation(reservation.estimate, refund), prompt, completion)
+    else:
+        refund(0)
+
+
 #: Settlements under way, each in a task of its own (:meth:`Pass._record`): a task the loop
 #: holds only weakly would be collected before it ends once its caller was cancelled.
 _SETTLING: set[asyncio.Future[None]] = set()
@@ -494,6 +517,9 @@ class Pass:
 
         - costbound's atomic budgets are lock-free: the estimate is recorded on them and their
           guard units released;
+        - a user-written token budget whose reservations are a native budget's (it
+          delegates to one) is recorded on with its ``record_usage_sync``: a native refund
+          handle gives back its whole hold whatever it is called with, so it cannot charge;
         - any other token budget's reservation is charged its estimate by being refunded
           nothing (its refund called with 0): a Redis reservation's lease ends with nothing
           given back, without blocking (sent with the budget's next call);
@@ -503,12 +529,7 @@ class Pass:
             return
         for budget, reservation, prompt, completion in self._charges(None):
             with contextlib.suppress(Exception):
-                if type(budget) in LOCK_FREE:
-                    budget.record_usage_sync(reservation, prompt, completion)
-                else:
-                    refund = reservation.disarm()
-                    if refund is not None:
-                        refund(0)
+                _charge_now(budget, reservation, prompt, completion)
         for guard, cost in self._ticket.guards.items():
             if isinstance(guard, Leased):
                 guard.drop()
