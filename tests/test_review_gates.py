@@ -447,3 +447,23 @@ def test_an_abandoned_stream_on_a_delegating_budget_is_charged_its_estimate(sdk)
     # A native refund handle gives back its whole hold whatever it is called with: the
     # abandoned call must be recorded, not refunded "nothing".
     assert (tokens.inner.consumed, tokens.inner.available) == (ESTIMATE, 100_000 - ESTIMATE)
+
+
+# --- a gate's bad options are refused when the client is guarded -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "names"),
+    [
+        ({"tokens": 5}, TypeError, "tokens"),
+        ({"dollars": "x"}, TypeError, "dollars"),
+        ({"guards": {AtomicBudget(1): -1}}, ValueError, "guards"),
+        ({"guards": {AtomicBudget(1): 1.5}}, TypeError, "guards"),
+        ({"guards": {AtomicBudget(1): True}}, TypeError, "guards"),
+        ({"guards": {5: 1}}, TypeError, "guards"),
+        ({"guards": [AtomicBudget(1)]}, TypeError, "guards"),
+    ],
+)
+def test_a_gate_refuses_bad_options_at_once(options, error, names):
+    with pytest.raises(error, match=names):
+        openai_gate.guard(_client(openai, "sync", USAGES[openai]), **options)

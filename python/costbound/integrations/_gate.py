@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import operator
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypedDict
@@ -68,6 +69,23 @@ class GateOptions(TypedDict, total=False):
     prices: PriceTable | None
 
 
+def _check_guards(guards: object) -> None:
+    """Refuse ``guards=`` unless it maps each ``BudgetGuard`` to an int cost >= 0."""
+    if guards is None:
+        return
+    if not isinstance(guards, Mapping):
+        raise TypeError(
+            f"guards must map each BudgetGuard to its cost, not {type(guards).__name__}"
+        )
+    for guard, cost in guards.items():
+        if not isinstance(guard, BudgetGuard):
+            raise TypeError(f"guards keys must be BudgetGuard objects, not {type(guard).__name__}")
+        if isinstance(cost, bool) or not hasattr(type(cost), "__index__"):
+            raise TypeError(f"guards cost of {guard!r} must be an int, not {type(cost).__name__}")
+        if operator.index(cost) < 0:
+            raise ValueError(f"guards cost of {guard!r} must be >= 0, got {cost}")
+
+
 class Gate:
     """The budgets one kind of model request needs, and how to estimate it.
 
@@ -91,6 +109,10 @@ class Gate:
     ) -> None:
         if tokens is None and dollars is None and not guards:
             raise ValueError("a gate needs tokens=, dollars= or guards=")
+        for name, budget in (("tokens", tokens), ("dollars", dollars)):
+            if budget is not None and not isinstance(budget, TokenBudget):
+                raise TypeError(f"{name} must be a TokenBudget, not {type(budget).__name__}")
+        _check_guards(guards)
         if isinstance(wait, bool) or not isinstance(wait, (int, float)):
             raise TypeError(f"wait must be a number of seconds, not {type(wait).__name__}")
         if not wait >= 0:
