@@ -467,3 +467,13 @@ def test_an_abandoned_stream_on_a_delegating_budget_is_charged_its_estimate(sdk)
 def test_a_gate_refuses_bad_options_at_once(options, error, names):
     with pytest.raises(error, match=names):
         openai_gate.guard(_client(openai, "sync", USAGES[openai]), **options)
+
+
+def test_a_gate_takes_a_numpy_integer_cost():
+    numpy = pytest.importorskip("numpy")
+    slots = AtomicBudget(2)
+    client = openai_gate.guard(
+        _client(openai, "sync", USAGES[openai]), guards={slots: numpy.int64(2)}
+    )
+    client.chat.completions.create(model="m", messages=MESSAGES, max_completion_tokens=100)
+    assert slots.available == 2
