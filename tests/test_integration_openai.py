@@ -524,9 +524,10 @@ async def test_a_stream_dropped_unread_is_charged_at_the_estimate(kind, budgets)
 @pytest.mark.asyncio
 @pytest.mark.parametrize("kind", KINDS)
 async def test_a_raw_response_settles_the_usage_it_parses_to(kind, budgets):
-    # with_raw_response (for the headers, say; LiteLLM calls the SDK so) goes through create:
+    # with_raw_response (for the headers, say; LangChain calls the SDK so) goes through create:
     # the gate parses the response, which the SDK keeps for the caller's own parse(). A raw
-    # stream carries its usage where the gate cannot watch it: the estimate.
+    # stream's parse() gives the stream watched: it holds its slot while it is read, and
+    # settles at the usage it reports.
     tokens, dollars, slots = budgets
     server = Server()
     client = make(kind, server, tokens=tokens, dollars=dollars, guards={slots: 1}, prices=TABLE)
@@ -536,7 +537,12 @@ async def test_a_raw_response_settles_the_usage_it_parses_to(kind, budgets):
     assert response.parse().usage.total_tokens == 350
     assert (tokens.consumed, dollars.consumed, slots.available) == (350, 450, 4)
     server.mode = "sse"
-    await call(kind, raw.create, **CHAT, stream=True)
+    response = await call(kind, raw.create, **CHAT, stream=True)
     assert len(server.requests) == 2
-    assert (tokens.consumed, dollars.consumed) == (350 + 229, 450 + 529)
+    assert slots.available == 3  # the stream is not read yet: its slot is taken
+    stream = response.parse()
+    assert stream is response.parse()
+    chunks = [chunk async for chunk in stream] if kind == "async" else list(stream)
+    assert chunks[-1].usage.total_tokens == 350
+    assert (tokens.consumed, dollars.consumed) == (700, 900)
     assert slots.available == 4

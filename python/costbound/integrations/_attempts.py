@@ -231,13 +231,20 @@ def _transport_types() -> tuple[type[BaseException], ...]:
 
 
 def chain(error: BaseException) -> Iterator[BaseException]:
-    """``error`` and its causes (or contexts), at most 16: a chain may loop."""
+    """``error`` and its causes (or contexts), at most 16: a chain may loop.
+
+    As a traceback shows them: a context hidden by ``raise ... from None`` is not followed
+    (``BudgetExhausted`` hides the admission timeout, a ``TimeoutError``, that it reports).
+    """
     link: BaseException | None = error
     for _ in range(16):  # cut short in case the chain loops
         if link is None:
             return
         yield link
-        link = link.__cause__ or link.__context__
+        if link.__cause__ is not None or link.__suppress_context__:
+            link = link.__cause__
+        else:
+            link = link.__context__
 
 
 def connect_failure(error: BaseException) -> bool:

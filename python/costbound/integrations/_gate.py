@@ -17,8 +17,10 @@ never gives its guard back (abandoned, crashed) loses it only until its lease en
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
+import operator
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypedDict
@@ -31,6 +33,7 @@ from costbound._admit import (
     take_now_sync,
 )
 from costbound._admit import _run as run_to_completion
+from costbound._native import NativeRefund
 from costbound._protocols import BudgetGuard, TokenBudget
 from costbound._reservation import TokenReservation
 from costbound._usage import BudgetExhausted, Usage, estimate_tokens, usage_of
@@ -66,6 +69,23 @@ class GateOptions(TypedDict, total=False):
     prices: PriceTable | None
 
 
+def _check_guards(guards: object) -> None:
+    """Refuse ``guards=`` unless it maps each ``BudgetGuard`` to an int cost >= 0."""
+    if guards is None:
+        return
+    if not isinstance(guards, Mapping):
+        raise TypeError(
+            f"guards must map each BudgetGuard to its cost, not {type(guards).__name__}"
+        )
+    for guard, cost in guards.items():
+        if not isinstance(guard, BudgetGuard):
+            raise TypeError(f"guards keys must be BudgetGuard objects, not {type(guard).__name__}")
+        if isinstance(cost, bool) or not hasattr(type(cost), "__index__"):
+            raise TypeError(f"guards cost of {guard!r} must be an int, not {type(cost).__name__}")
+        if operator.index(cost) < 0:
+            raise ValueError(f"guards cost of {guard!r} must be >= 0, got {cost}")
+
+
 class Gate:
     """The budgets one kind of model request needs, and how to estimate it.
 
@@ -89,6 +109,10 @@ class Gate:
     ) -> None:
         if tokens is None and dollars is None and not guards:
             raise ValueError("a gate needs tokens=, dollars= or guards=")
+        for name, budget in (("tokens", tokens), ("dollars", dollars)):
+            if budget is not None and not isinstance(budget, TokenBudget):
+                raise TypeError(f"{name} must be a TokenBudget, not {type(budget).__name__}")
+        _check_guards(guards)
         if isinstance(wait, bool) or not isinstance(wait, (int, float)):
             raise TypeError(f"wait must be a number of seconds, not {type(wait).__name__}")
         if not wait >= 0:
@@ -268,6 +292,63 @@ def _record_usage_sync(
         run_to_completion(budget.record_usage(reservation, prompt, completion))
 
 
+def _charge_now(
+    budget: Any,  # noqa: ANN401 - any TokenBudget
+    reservation: TokenReservation,
+    prompt: int,
+    completion: int,
+) -> None:
+    """Charge an abandoned pass's reservation without waiting (:meth:`Pass.abandon`)."""
+    if type(budget) in LOCK_FREE:
+        budget.record_usage_sync(reservation, prompt, completion)
+        return
+    settle_nowait = getattr(budget, "record_usage_nowait", None)
+    if callable(settle_nowait):  # a stored budget: queued, sent without blocking
+        settle_nowait(reservation, prompt, completion)
+        return
+    refund = reservation.disarm()
+    if refund is None:
+        return
+    record = getattr(budget, "record_usage_sync", None)
+    if isinstance(refund, NativeRefund) and callable(record):
+        # Rebuilt around its handle, the reservation is still the native budget's own. If
+        # recording raises, the rebuilt one is dropped: its hold goes back, as before.
+        record(TokenReservation(reservation.estimate, refund), prompt, completion)
+    else:
+        refund(0)
+
+
+#: Settlements under way, each in a task of its own (:meth:`Pass._record`): a task the loop
+#: holds only weakly would be collected before it ends once its caller was cancelled.
+_SETTLING: set[asyncio.Future[None]] = set()
+
+
+class _Unraisable:
+    """Carries an error to ``sys.unraisablehook``: CPython reports what a finaliser raises."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def __del__(self) -> None:
+        raise self.error
+
+
+def _warn(message: str) -> None:
+    """Warn of a settlement (``RuntimeWarning``), without ever raising out of it.
+
+    Under a filter that turns warnings into errors (``-W error``, pytest's
+    ``filterwarnings = error``) the warning is reported as unraisable instead, as a failing
+    refund of a dropped reservation is: raised out of a gated call, it would cost the caller
+    the answer the provider billed, after the budgets were settled.
+    """
+    try:
+        warnings.warn(message, RuntimeWarning, stacklevel=5)
+    except Warning as error:
+        _Unraisable(error)  # dropped at once: its finaliser reports the error
+
+
 class Pass:
     """One admitted request. Settle it once: ``settle``, ``refund`` or ``settle_at_estimate``."""
 
@@ -328,16 +409,18 @@ class Pass:
             charges.append((gate.dollars, r, price, 0))
         return charges
 
-    def _read(self, usage: object) -> Usage | None:
-        """``usage_of(usage)``; None (and a warning) when it is no usage costbound can read."""
+    def _read(self, usage: object, notes: list[str]) -> Usage | None:
+        """``usage_of(usage)``; None (and a note to warn of) when costbound cannot read it.
+
+        The note is warned of once the settlement is done (:meth:`_report`): a warning that a
+        filter turns into an error must not stop the charge it announces.
+        """
         try:
             return usage_of(usage)
         except (TypeError, ValueError) as error:  # not a usage, or impossible counts
-            warnings.warn(
+            notes.append(
                 f"costbound cannot read the usage of this {self.model or 'model'} response "
-                f"({error}); it is charged at its estimate",
-                RuntimeWarning,
-                stacklevel=3,
+                f"({error}); it is charged at its estimate"
             )
             return None
 
@@ -351,7 +434,8 @@ class Pass:
         ``RuntimeWarning``; every other budget is still settled and every guard released.
         """
         if self._claim():
-            await self._record(lambda: self._charges(self._read(usage)))
+            notes: list[str] = []
+            await self._record(lambda: self._charges(self._read(usage, notes)), notes)
 
     async def settle_at_estimate(self) -> None:
         """Charge the estimates (sent, but no usage arrived), release the guards."""
@@ -374,18 +458,36 @@ class Pass:
         else:
             await self.refund()
 
-    async def _record(self, charges: Callable[[], list[_Charge]]) -> None:
-        """Record each charge, then close the ticket (refunds the rest, releases the guards)."""
+    async def _record(
+        self, charges: Callable[[], list[_Charge]], notes: list[str] | None = None
+    ) -> None:
+        """Record each charge, then close the ticket (refunds the rest, releases the guards).
+
+        ``notes`` (filled while the charges are worked out) are warned of afterwards. The
+        settlement runs in a task of its own, shielded: a caller cancelled while it awaits a
+        budget (a TaskGroup, a timeout) is cancelled at once, and the settlement still ends
+        (the usage charged, every guard released) instead of stopping half-way with its
+        guards held for good.
+        """
+        settling = asyncio.ensure_future(self._record_now(charges, notes))
+        _SETTLING.add(settling)
+        settling.add_done_callback(_SETTLING.discard)
+        await asyncio.shield(settling)
+
+    async def _record_now(
+        self, charges: Callable[[], list[_Charge]], notes: list[str] | None
+    ) -> None:
         failures: list[tuple[object, Exception]] = []
         for budget, reservation, prompt, completion in _planned(charges, failures):
             await _kept(failures, budget, budget.record_usage, reservation, prompt, completion)
         await _kept(failures, "its guards", self._ticket.close)
-        self._report(failures)
+        self._report(failures, notes)
 
     def settle_sync(self, usage: object) -> None:
         """Do what :meth:`settle` does, with the budgets' blocking methods."""
         if self._claim():
-            self._record_sync(lambda: self._charges(self._read(usage)))
+            notes: list[str] = []
+            self._record_sync(lambda: self._charges(self._read(usage, notes)), notes)
 
     def settle_at_estimate_sync(self) -> None:
         """Do what :meth:`settle_at_estimate` does, with the budgets' blocking methods."""
@@ -404,25 +506,33 @@ class Pass:
         else:
             self.refund_sync()
 
-    def _record_sync(self, charges: Callable[[], list[_Charge]]) -> None:
+    def _record_sync(
+        self, charges: Callable[[], list[_Charge]], notes: list[str] | None = None
+    ) -> None:
         failures: list[tuple[object, Exception]] = []
         for budget, reservation, prompt, completion in _planned(charges, failures):
             _kept_sync(
                 failures, budget, _record_usage_sync, budget, reservation, prompt, completion
             )
         _kept_sync(failures, "its guards", self._ticket.close_sync)
-        self._report(failures)
+        self._report(failures, notes)
 
-    def _report(self, failures: list[tuple[object, Exception]]) -> None:
-        """Warn of each budget the settlement failed on (``RuntimeWarning``); raise nothing."""
+    def _report(
+        self, failures: list[tuple[object, Exception]], notes: list[str] | None = None
+    ) -> None:
+        """Warn of ``notes`` and of each budget the settlement failed on; raise nothing.
+
+        The budgets are settled by now, and the caller must get the provider's answer: see
+        :func:`_warn` for a warning that a filter turns into an error.
+        """
+        for note in notes or ():
+            _warn(note)
         for budget, error in failures:
             where = budget if isinstance(budget, str) else repr(budget)
-            warnings.warn(
+            _warn(
                 f"costbound could not settle a {self.model or 'model'} call on {where} "
                 f"({type(error).__name__}: {error}); the caller gets the response all the same. "
-                "A Redis budget re-sends a failed settlement with its next call or flush()",
-                RuntimeWarning,
-                stacklevel=4,
+                "A Redis budget re-sends a failed settlement with its next call or flush()"
             )
 
     def abandon(self) -> None:
@@ -436,6 +546,9 @@ class Pass:
         - a stored token budget that can settle without blocking (``record_usage_nowait``: a
           Redis budget queues it, sent on its loop, with its next call or at exit) is charged
           its estimate as a settlement;
+        - a user-written token budget whose reservations are a native budget's (it
+          delegates to one) is recorded on with its ``record_usage_sync``: a native refund
+          handle gives back its whole hold whatever it is called with, so it cannot charge;
         - any other token budget's reservation is charged its estimate by being refunded
           nothing (its refund called with 0);
         - a stored guard's permit is let go: its lease ends by itself (:class:`Leased`).
@@ -444,15 +557,7 @@ class Pass:
             return
         for budget, reservation, prompt, completion in self._charges(None):
             with contextlib.suppress(Exception):
-                settle_nowait = getattr(budget, "record_usage_nowait", None)
-                if type(budget) in LOCK_FREE:
-                    budget.record_usage_sync(reservation, prompt, completion)
-                elif settle_nowait is not None:
-                    settle_nowait(reservation, prompt, completion)
-                else:
-                    refund = reservation.disarm()
-                    if refund is not None:
-                        refund(0)
+                _charge_now(budget, reservation, prompt, completion)
         for guard, cost in self._ticket.guards.items():
             if isinstance(guard, Leased):
                 guard.drop()

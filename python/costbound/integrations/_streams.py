@@ -22,6 +22,7 @@ from costbound.integrations._gate import Gate, Pass
 
 __all__ = [
     "AsyncStream",
+    "RawStream",
     "Sdk",
     "SyncStream",
     "Watcher",
@@ -54,10 +55,12 @@ class Sdk:
     observed: bool = False  # whether the client's HTTP attempts are observed (``_attempts``)
 
 
-#: Whether this thread or task is inside a gated call: a gated method that the SDK calls from
+#: The gates this thread or task is inside a call of: a gated method that the SDK calls from
 #: another (``create`` calls the client's ``post``, itself gated for frameworks that call it
-#: directly) is not gated twice.
-_INSIDE: ContextVar[bool] = ContextVar("costbound_inside_a_gated_call", default=False)
+#: directly) does not enter the same gate twice. Another gate is entered all the same: a client
+#: guarded twice (a copy of an organisation's guarded client, guarded again with a user's
+#: budget) is charged by both.
+_INSIDE: ContextVar[frozenset[Gate]] = ContextVar("costbound_gates_entered", default=frozenset())
 
 
 def _model_argument(kwargs: dict[str, Any]) -> str | None:
@@ -79,13 +82,13 @@ def gated_sync(
 
     @functools.wraps(call)
     def gated(*args: Any, **given: Any) -> Any:  # noqa: ANN401 - the SDK's own types
-        if _INSIDE.get():
+        if gate in _INSIDE.get():
             return call(*args, **given)
         kwargs = without_unset(given, sdk.unset)
         prompt, bound = request(kwargs)
         model = model_of(kwargs)
         passed = gate.enter_sync(model=model, prompt=prompt, max_output_tokens=bound)
-        with _calling(sdk) as attempts:
+        with _calling(gate, sdk) as attempts:
             try:
                 response = call(*args, **kwargs)
             except BaseException as error:
@@ -93,6 +96,10 @@ def gated_sync(
                 raise
         if isinstance(response, sdk.stream):
             return SyncStream(response, passed, sdk.watcher(), attempts)
+        if kwargs.get("stream") and _raw(response) is not None:
+            return RawStream(
+                response, sdk, lambda s: SyncStream(s, passed, sdk.watcher(), attempts)
+            )
         settle_sync(passed, sdk.usage_in(_parsed(response)))
         return response
 
@@ -110,13 +117,13 @@ def gated_async(
 
     @functools.wraps(call)
     async def gated(*args: Any, **given: Any) -> Any:  # noqa: ANN401 - the SDK's own types
-        if _INSIDE.get():
+        if gate in _INSIDE.get():
             return await call(*args, **given)
         kwargs = without_unset(given, sdk.unset)
         prompt, bound = request(kwargs)
         model = model_of(kwargs)
         passed = await gate.enter(model=model, prompt=prompt, max_output_tokens=bound)
-        with _calling(sdk) as attempts:
+        with _calling(gate, sdk) as attempts:
             try:
                 response = await call(*args, **kwargs)
             except BaseException as error:
@@ -124,6 +131,10 @@ def gated_async(
                 raise
         if isinstance(response, sdk.stream):
             return AsyncStream(response, passed, sdk.watcher(), attempts)
+        if kwargs.get("stream") and _raw(response) is not None:
+            return RawStream(
+                response, sdk, lambda s: AsyncStream(s, passed, sdk.watcher(), attempts)
+            )
         await settle(passed, sdk.usage_in(await _parsed_async(response)))
         return response
 
@@ -131,9 +142,9 @@ def gated_async(
 
 
 @contextlib.contextmanager
-def _calling(sdk: Sdk) -> Iterator[Attempts | None]:
-    """Mark the block as inside a gated call, and record its attempts (when observed)."""
-    token = _INSIDE.set(True)
+def _calling(gate: Gate, sdk: Sdk) -> Iterator[Attempts | None]:
+    """Mark the block as inside a call of ``gate``, and record its attempts (when observed)."""
+    token = _INSIDE.set(_INSIDE.get() | {gate})
     try:
         with attempts_of(sdk) as attempts:
             yield attempts
@@ -157,8 +168,8 @@ def _raw(response: object) -> Callable[[], Any] | None:
 def _parsed(response: object) -> object | None:
     """Return what a raw response parses to (the SDKs keep it for the caller), else itself.
 
-    A raw stream parses to the SDK's stream, which carries no usage: it is charged at the
-    estimate. So is a raw response that does not parse (None).
+    A raw response that does not parse (None) is charged at the estimate. (A raw stream is
+    not parsed here: see :class:`RawStream`.)
     """
     parse = _raw(response)
     if parse is None:
@@ -179,6 +190,48 @@ async def _parsed_async(response: object) -> object | None:
         except Exception:  # the caller's own parse() will say what is wrong
             return None
     return parsed
+
+
+class RawStream:
+    """The raw response of a stream (``with_raw_response``, ``with_streaming_response``).
+
+    Its ``parse()`` gives the SDK's stream watched (a :class:`SyncStream` or
+    :class:`AsyncStream`, the same one each time), so the call holds its budgets while the
+    stream is read and settles at the usage the stream reports, as a stream asked for
+    directly does. A raw stream never parsed is charged its estimate when it is dropped (its
+    request went out). Everything else is the SDK's raw response's.
+    """
+
+    def __init__(
+        self,
+        raw: Any,  # noqa: ANN401 - the SDK's raw response
+        sdk: Sdk,
+        watch: Callable[[Any], SyncStream | AsyncStream],
+    ) -> None:
+        self._raw = raw
+        self._sdk = sdk
+        self._watch: Callable[[Any], SyncStream | AsyncStream] | None = watch
+        self._watched: SyncStream | AsyncStream | None = None
+
+    def parse(self, **options: Any) -> Any:  # noqa: ANN401 - the SDK's types
+        """Parse as the SDK does (awaitable when the SDK's is), giving its stream watched."""
+        parsed = self._raw.parse(**options)
+        if inspect.isawaitable(parsed):
+            return self._parse_async(parsed)
+        return self._watched_stream(parsed)
+
+    async def _parse_async(self, parsed: Awaitable[Any]) -> Any:  # noqa: ANN401
+        return self._watched_stream(await parsed)
+
+    def _watched_stream(self, parsed: object) -> object:
+        if not isinstance(parsed, self._sdk.stream):
+            return parsed  # parsed as something else (``to=``): the SDK's own
+        if self._watch is not None:  # its pass goes with the first watched stream, once
+            self._watched, self._watch = self._watch(parsed), None
+        return self._watched
+
+    def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - the raw response's attributes
+        return getattr(self._raw, name)
 
 
 def settle_sync(passed: Pass, usage: object | None) -> None:
@@ -204,6 +257,11 @@ class _Watched:
     recorded with the attempts of the call that made the stream, and a read that raises is
     settled as a failed call is (:meth:`Pass.fail`). Without observed attempts a failed read
     is charged at the estimate, as a stream cut short is.
+
+    The generator that reads the stream (kept for ``next()`` / ``anext()``) holds the parts,
+    never the wrapper: a wrapper that held its generator that held the wrapper would be a cycle,
+    and the collector finalises a cycle's objects in any order, so the pass's reservations
+    could be refunded (dropped) before the pass charged the abandoned stream its estimate.
     """
 
     def __init__(
@@ -218,12 +276,6 @@ class _Watched:
         self._watcher = watcher
         self._attempts = attempts
 
-    def _reading(self) -> contextlib.AbstractContextManager[object]:
-        """Record the attempts a read makes (one ``next``: never across a ``yield``)."""
-        if self._attempts is None:
-            return contextlib.nullcontext()
-        return recording(self._attempts)
-
     def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - the SDK stream's attributes
         return getattr(self._stream, name)
 
@@ -234,23 +286,7 @@ class SyncStream(_Watched):
     _items: Iterator[Any] | None = None
 
     def __iter__(self) -> Iterator[Any]:
-        items = iter(self._stream)
-        try:
-            while True:
-                try:
-                    with self._reading():
-                        item = next(items)
-                except StopIteration:
-                    return
-                except Exception as error:
-                    if self._attempts is not None:
-                        self._passed.fail_sync(error, self._attempts)
-                    raise
-                self._watcher.see(item)
-                self._passed.keep_alive_sync()
-                yield item
-        finally:
-            settle_sync(self._passed, self._watcher.usage)
+        return _read_sync(self._stream, self._passed, self._watcher, self._attempts)
 
     def __next__(self) -> Any:  # noqa: ANN401 - the SDK's items
         """``next(stream)``, as the SDK's own stream allows."""
@@ -277,24 +313,8 @@ class AsyncStream(_Watched):
 
     _items: AsyncIterator[Any] | None = None
 
-    async def __aiter__(self) -> AsyncIterator[Any]:
-        items = aiter(self._stream)
-        try:
-            while True:
-                try:
-                    with self._reading():
-                        item = await anext(items)
-                except StopAsyncIteration:
-                    return
-                except Exception as error:
-                    if self._attempts is not None:
-                        await self._passed.fail(error, self._attempts)
-                    raise
-                self._watcher.see(item)
-                await self._passed.keep_alive()
-                yield item
-        finally:
-            await settle(self._passed, self._watcher.usage)
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return _read_async(self._stream, self._passed, self._watcher, self._attempts)
 
     def __anext__(self) -> Awaitable[Any]:
         """``anext(stream)``, as the SDK's own stream allows."""
@@ -318,3 +338,60 @@ class AsyncStream(_Watched):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _reading(attempts: Attempts | None) -> contextlib.AbstractContextManager[object]:
+    """Record the attempts a read makes (one ``next``: never across a ``yield``)."""
+    return contextlib.nullcontext() if attempts is None else recording(attempts)
+
+
+def _read_sync(
+    stream: Any,  # noqa: ANN401 - the SDK's stream
+    passed: Pass,
+    watcher: Watcher,
+    attempts: Attempts | None,
+) -> Iterator[Any]:
+    """Yield ``stream``'s items, watched; settle when it ends, fails or is closed."""
+    items = iter(stream)
+    try:
+        while True:
+            try:
+                with _reading(attempts):
+                    item = next(items)
+            except StopIteration:
+                return
+            except Exception as error:
+                if attempts is not None:
+                    passed.fail_sync(error, attempts)
+                raise
+            watcher.see(item)
+            passed.keep_alive_sync()
+            yield item
+    finally:
+        settle_sync(passed, watcher.usage)
+
+
+async def _read_async(
+    stream: Any,  # noqa: ANN401 - the SDK's stream
+    passed: Pass,
+    watcher: Watcher,
+    attempts: Attempts | None,
+) -> AsyncIterator[Any]:
+    """Do what :func:`_read_sync` does for an async stream."""
+    items = aiter(stream)
+    try:
+        while True:
+            try:
+                with _reading(attempts):
+                    item = await anext(items)
+            except StopAsyncIteration:
+                return
+            except Exception as error:
+                if attempts is not None:
+                    await passed.fail(error, attempts)
+                raise
+            watcher.see(item)
+            await passed.keep_alive()
+            yield item
+    finally:
+        await settle(passed, watcher.usage)
