@@ -308,6 +308,44 @@ def test_wait_inf_means_no_timeout(kind):
         Gate(tokens=tokens, wait=float("nan"))
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("wait", [1e300, 2**64])
+def test_a_huge_finite_wait_waits_without_overflow(kind, wait):
+    # A wait too long for any clock (1e300 s) waits as inf does; it raised OverflowError.
+    from costbound import AtomicTokenBudget
+
+    tokens = AtomicTokenBudget(300)
+    gate = Gate(tokens=tokens, wait=wait)
+    first = gate.enter_sync(model=None, prompt="x" * 400, max_output_tokens=100)  # 225
+    done = threading.Event()
+
+    def second() -> None:
+        if kind == "sync":
+            passed = gate.enter_sync(model=None, prompt="x" * 400, max_output_tokens=100)
+        else:
+            passed = asyncio.run(gate.enter(model=None, prompt="x" * 400, max_output_tokens=100))
+        passed.refund_sync()
+        done.set()
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    assert not done.wait(0.1)  # it waits
+    first.refund_sync()
+    thread.join(20.0)
+    assert done.is_set()
+    assert tokens.available == 300
+
+
+def test_a_wait_beyond_every_float_or_none_is_refused_naming_wait():
+    from costbound import AtomicTokenBudget
+
+    tokens = AtomicTokenBudget(300)
+    with pytest.raises(ValueError, match="wait"):
+        Gate(tokens=tokens, wait=10**400)
+    with pytest.raises(TypeError, match="wait"):
+        Gate(tokens=tokens, wait=None)  # type: ignore[arg-type]
+
+
 def test_a_usage_with_impossible_counts_is_charged_at_the_estimate_with_a_warning():
     # A provider (or a proxy) reporting a negative count: the usage cannot be read, the call
     # was billed all the same, and the caller must keep the answer (no ValueError out of it).

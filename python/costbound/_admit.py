@@ -134,7 +134,7 @@ async def _await(awaitable: Awaitable[_T]) -> _T:
     return await awaitable
 
 
-def _run(awaitable: Awaitable[_T]) -> _T:
+def run_to_completion(awaitable: Awaitable[_T]) -> _T:
     """Run a user-written budget's async method on a private event loop (threads only)."""
     return asyncio.run(_await(awaitable))
 
@@ -316,7 +316,7 @@ def _release_sync(budget: BudgetGuard, cost: int) -> None:
     if callable(release_sync):
         release_sync(cost)
     else:
-        _run(budget.release(cost))
+        run_to_completion(budget.release(cost))
 
 
 class _Held:
@@ -369,10 +369,14 @@ def _try_take_sync(part: _Part) -> TokenReservation | bool | None:
         if callable(method):
             reservation = method(part.amount)
         else:
-            reservation = _run(budget.try_reserve_tokens(part.amount))
+            reservation = run_to_completion(budget.try_reserve_tokens(part.amount))
         return reservation
     method = getattr(budget, "try_reserve_sync", None)
-    granted = method(part.amount) if callable(method) else _run(budget.try_reserve(part.amount))
+    granted = (
+        method(part.amount)
+        if callable(method)
+        else run_to_completion(budget.try_reserve(part.amount))
+    )
     return True if granted else None
 
 
@@ -543,18 +547,21 @@ class Admission(Coroutine[Any, Any, Ticket]):
             await ticket.close()
 
 
-def _check_timeout(timeout: float | None) -> float | None:
-    """Seconds, or ``None`` for no timeout (``inf`` too); NaN or negative is a ``ValueError``."""
+def check_timeout(timeout: float | None, name: str = "timeout") -> float | None:
+    """Seconds, or ``None`` for no timeout (``inf`` too); NaN or negative is a ``ValueError``.
+
+    ``name`` is the argument the messages name (a gate's ``wait``).
+    """
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout)}")
+        raise TypeError(f"{name} must be a number of seconds or None, not {type(timeout)}")
     try:
         seconds = float(timeout)
     except OverflowError:  # an int beyond every float, as the native calls refuse it
-        raise ValueError("timeout must be a number of seconds; this one is too large") from None
+        raise ValueError(f"{name} must be a number of seconds; this one is too large") from None
     if not seconds >= 0:
-        raise ValueError(f"timeout must be a number of seconds >= 0 or None, got {timeout}")
+        raise ValueError(f"{name} must be a number of seconds >= 0 or None, got {timeout}")
     if math.isinf(seconds):
         return None
     return seconds
@@ -575,7 +582,7 @@ def admit(
     ``capacity`` its budget states (native and Redis budgets do) is a ``ValueError`` at once.
     """
     parts = _parts(guards, tokens)
-    timeout = _check_timeout(timeout)
+    timeout = check_timeout(timeout)
     _check_fits(parts)
     return Admission(parts, timeout)
 
@@ -634,7 +641,7 @@ def admit_blocking(
     thread that runs an event loop.
     """
     parts = _parts(guards, tokens)
-    timeout = _check_timeout(timeout)
+    timeout = check_timeout(timeout)
     _check_fits(parts)
     _refuse_on_a_loop("admit_blocking")
     deadline = None if timeout is None else time.monotonic() + timeout

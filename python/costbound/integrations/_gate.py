@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import operator
 import warnings
 from collections.abc import Awaitable, Callable, Mapping
@@ -30,9 +29,10 @@ from costbound._admit import (
     NeverFitsError,
     admit,
     admit_blocking,
+    check_timeout,
+    run_to_completion,
     take_now_sync,
 )
-from costbound._admit import _run as run_to_completion
 from costbound._native import NativeRefund
 from costbound._protocols import BudgetGuard, TokenBudget
 from costbound._reservation import TokenReservation
@@ -113,10 +113,10 @@ class Gate:
             if budget is not None and not isinstance(budget, TokenBudget):
                 raise TypeError(f"{name} must be a TokenBudget, not {type(budget).__name__}")
         _check_guards(guards)
-        if isinstance(wait, bool) or not isinstance(wait, (int, float)):
-            raise TypeError(f"wait must be a number of seconds, not {type(wait).__name__}")
-        if not wait >= 0:
-            raise ValueError(f"wait must be a number of seconds >= 0, got {wait}")
+        if wait is None:
+            raise TypeError("wait must be a number of seconds (math.inf to wait without end)")
+        # Infinity (or a wait too long for any clock) is no timeout at all: admission's None.
+        checked_wait = check_timeout(wait, "wait")
         if max_output_tokens is not None:
             estimate_tokens("", max_output_tokens=max_output_tokens)  # checks it
         if prices is not None and not isinstance(prices, PriceTable):
@@ -126,8 +126,7 @@ class Gate:
         self.guards = dict(guards or {})
         # The stored guards, taken as leases (worked out once: a gate's guards are fixed).
         self._lending = frozenset(guard for guard in self.guards if lends_leases(guard))
-        # Infinity is no timeout at all (admission's None): no clock arithmetic may overflow.
-        self.wait: float | None = None if math.isinf(wait) else float(wait)
+        self.wait: float | None = checked_wait
         self.max_output_tokens = max_output_tokens
         self.estimator = estimator
         self.prices = prices
