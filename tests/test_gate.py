@@ -278,6 +278,28 @@ def test_a_pass_dropped_unsettled_is_charged_at_the_estimate(sync_backend):
     assert slots.available == 1
 
 
+def test_passes_dropped_in_a_reference_cycle_are_charged_at_the_estimate(sync_backend):
+    # A pass caught in a reference cycle (a stream the SDK keeps in one, a traceback's frames:
+    # a Redis script's first NOSCRIPT did it) is collected together with its reservations, in
+    # no set order: a reservation's own drop refunded it before the pass could charge it.
+    import gc
+
+    tokens = sync_backend.tokens(10_000)
+    gate = Gate(tokens=tokens)
+    cycle: list[object] = []
+    cycle.append(cycle)
+    estimates = 0
+    for _ in range(8):
+        passed = gate.enter_sync(model=None, prompt="hello", max_output_tokens=10)
+        estimates += passed.estimate
+        cycle.append(passed)
+    del passed, cycle
+    gc.collect()
+    sync_backend.settle_sync(tokens)
+    assert sync_backend.state_sync(tokens).available == 10_000 - estimates
+    assert sync_backend.state_sync(tokens).consumed == estimates
+
+
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_wait_inf_means_no_timeout(kind):
     # Issue 12 point 11: wait=inf passed validation, then raised OverflowError when the request

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import operator
 import warnings
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypedDict
 
@@ -348,10 +349,72 @@ def _warn(message: str) -> None:
         _Unraisable(error)  # dropped at once: its finaliser reports the error
 
 
+def _charges(
+    gate: Gate, reservations: Mapping[Any, TokenReservation], model: str | None, usage: Usage | None
+) -> list[_Charge]:
+    """(budget, reservation, prompt, completion) to record: usage, or the estimates."""
+    charges: list[_Charge] = []
+    if gate.tokens is not None:
+        r = reservations[gate.tokens]
+        used = (usage.prompt, usage.completion) if usage is not None else (r.estimate, 0)
+        charges.append((gate.tokens, r, *used))
+    if gate.dollars is not None:
+        r = reservations[gate.dollars]
+        if usage is not None:  # the model was checked when the pass was made
+            price = price_of(usage, model=str(model), table=gate.prices)
+        else:
+            price = r.estimate
+        charges.append((gate.dollars, r, price, 0))
+    return charges
+
+
+def _abandon(
+    gate: Gate,
+    reservations: Mapping[Any, TokenReservation],
+    model: str | None,
+    guards: Mapping[Any, int],
+) -> None:
+    """Settle a pass no one else will, from the garbage collector: at the estimate.
+
+    Its request went out (a stream never read, say), and was billed, on every budget alike.
+    Nothing here may wait on a network or a lock (the collected thread may hold it):
+
+    - costbound's atomic budgets are lock-free: the estimate is recorded on them and their
+      guard units released;
+    - a stored token budget that can settle without blocking (``record_usage_nowait``: a
+      Redis budget queues it, sent on its loop, with its next call or at exit) is charged
+      its estimate as a settlement;
+    - a user-written token budget whose reservations are a native budget's (it
+      delegates to one) is recorded on with its ``record_usage_sync``: a native refund
+      handle gives back its whole hold whatever it is called with, so it cannot charge;
+    - any other token budget's reservation is charged its estimate by being refunded
+      nothing (its refund called with 0);
+    - a stored guard's permit is let go: its lease ends by itself (:class:`Leased`).
+    """
+    for budget, reservation, prompt, completion in _charges(gate, reservations, model, None):
+        with contextlib.suppress(Exception):
+            _charge_now(budget, reservation, prompt, completion)
+    for guard, cost in guards.items():
+        if isinstance(guard, Leased):
+            guard.drop()
+        elif type(guard) in LOCK_FREE:
+            with contextlib.suppress(Exception):
+                guard.release_sync(cost)
+
+
 class Pass:
     """One admitted request. Settle it once: ``settle``, ``refund`` or ``settle_at_estimate``."""
 
-    __slots__ = ("_gate", "_renewal", "_reservations", "_settled", "_ticket", "estimate", "model")
+    __slots__ = (
+        "__weakref__",
+        "_gate",
+        "_renewal",
+        "_reservations",
+        "_ticket",
+        "_unsettled",
+        "estimate",
+        "model",
+    )
 
     def __init__(
         self,
@@ -366,47 +429,39 @@ class Pass:
         self._ticket = ticket
         self.model = model
         self.estimate = estimate
-        self._settled = False
         self._renewal = Renewal.of(ticket.guards, reservations)
+        # Settled exactly once: by whoever detaches this first (a settlement), or, when the pass
+        # dies unsettled, by the collector calling it. A weakref callback, not ``__del__``: the
+        # collector runs it before it finalises anything of a reference cycle the pass may be
+        # in, and it holds the reservations, so none of them is finalised (refunding itself)
+        # before the pass has charged it.
+        self._unsettled = weakref.finalize(self, _abandon, gate, reservations, model, ticket.guards)
+        self._unsettled.atexit = False
 
     def keep_alive_sync(self) -> None:
         """Renew the call's stored leases when half the shortest has passed (streams call it)."""
         renewal = self._renewal
-        if renewal is not None and not self._settled and renewal.due():
+        if renewal is not None and self._unsettled.alive and renewal.due():
             renewal.renew_sync()
 
     async def keep_alive(self) -> None:
         """Do what :meth:`keep_alive_sync` does, with the budgets' async methods."""
         renewal = self._renewal
-        if renewal is not None and not self._settled and renewal.due():
+        if renewal is not None and self._unsettled.alive and renewal.due():
             await renewal.renew()
 
     @property
     def settled(self) -> bool:
         """Whether the pass was settled (or refunded)."""
-        return self._settled
+        return not self._unsettled.alive
 
     def _claim(self) -> bool:
-        if self._settled:
-            return False
-        self._settled = True
-        return True
+        """Take the settlement; ``False`` if it was taken already (exactly one caller wins)."""
+        return self._unsettled.detach() is not None
 
     def _charges(self, usage: Usage | None) -> list[_Charge]:
         """(budget, reservation, prompt, completion) to record: usage, or the estimates."""
-        gate, charges = self._gate, []
-        if gate.tokens is not None:
-            r = self._reservations[gate.tokens]
-            used = (usage.prompt, usage.completion) if usage is not None else (r.estimate, 0)
-            charges.append((gate.tokens, r, *used))
-        if gate.dollars is not None:
-            r = self._reservations[gate.dollars]
-            if usage is not None:  # the model was checked when the pass was made
-                price = price_of(usage, model=str(self.model), table=gate.prices)
-            else:
-                price = r.estimate
-            charges.append((gate.dollars, r, price, 0))
-        return charges
+        return _charges(self._gate, self._reservations, self.model, usage)
 
     def _read(self, usage: object, notes: list[str]) -> Usage | None:
         """``usage_of(usage)``; None (and a note to warn of) when costbound cannot read it.
@@ -535,38 +590,12 @@ class Pass:
             )
 
     def abandon(self) -> None:
-        """Settle a pass no one else will, from the garbage collector: at the estimate.
+        """Settle the pass at its estimate now, as the collector does when it is dropped unsettled.
 
-        Its request went out (a stream never read, say), and was billed, on every budget alike.
-        Nothing here may wait on a network or a lock (the collected thread may hold it):
-
-        - costbound's atomic budgets are lock-free: the estimate is recorded on them and their
-          guard units released;
-        - a stored token budget that can settle without blocking (``record_usage_nowait``: a
-          Redis budget queues it, sent on its loop, with its next call or at exit) is charged
-          its estimate as a settlement;
-        - a user-written token budget whose reservations are a native budget's (it
-          delegates to one) is recorded on with its ``record_usage_sync``: a native refund
-          handle gives back its whole hold whatever it is called with, so it cannot charge;
-        - any other token budget's reservation is charged its estimate by being refunded
-          nothing (its refund called with 0);
-        - a stored guard's permit is let go: its lease ends by itself (:class:`Leased`).
+        See :func:`_abandon`; nothing happens if the pass was settled already.
         """
-        if not self._claim():
-            return
-        for budget, reservation, prompt, completion in self._charges(None):
-            with contextlib.suppress(Exception):
-                _charge_now(budget, reservation, prompt, completion)
-        for guard, cost in self._ticket.guards.items():
-            if isinstance(guard, Leased):
-                guard.drop()
-            elif type(guard) in LOCK_FREE:
-                with contextlib.suppress(Exception):
-                    guard.release_sync(cost)
-
-    def __del__(self) -> None:
-        self.abandon()
+        self._unsettled()
 
     def __repr__(self) -> str:
-        state = "settled" if self._settled else "open"
+        state = "open" if self._unsettled.alive else "settled"
         return f"<Pass {self.model or ''} estimate={self.estimate} {state}>".replace("  ", " ")
