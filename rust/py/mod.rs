@@ -7,6 +7,7 @@ mod coroutine;
 mod error;
 mod fastcall;
 mod panic_guard;
+mod reservation;
 mod token;
 mod unit;
 mod wait;
@@ -21,8 +22,8 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // Token requests issue and refund the token budget's reservations; handed over here so
     // that `wait` need not import `token` (which imports `wait`).
     wait::use_reservations(wait::Reservations {
-        issue: token::issue_reservation,
-        refund: |reservation| match reservation.cast::<token::ReservationPy>() {
+        issue: reservation::issue_reservation,
+        refund: |reservation| match reservation.cast::<reservation::ReservationPy>() {
             Ok(reservation) => reservation.get().refund_if_armed(reservation.py()),
             Err(_) => Ok(()),
         },
@@ -37,8 +38,8 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<token::AtomicTokenBudgetPy>()?;
     fastcall::add_timeout_method::<token::ReserveTokens>(m.py())?;
     fastcall::add_timeout_method::<token::ReserveTokensBlocking>(m.py())?;
-    m.add_class::<token::ReservationPy>()?;
-    m.add_class::<token::NativeRefundPy>()?;
+    m.add_class::<reservation::ReservationPy>()?;
+    m.add_class::<reservation::NativeRefundPy>()?;
     m.add_class::<awaitable::Awaitable>()?;
     coroutine::install_fast_slots::<awaitable::Awaitable>(m.py())?;
     // Made at import, so that no call ever has to allocate (or fail to allocate) it.
@@ -50,7 +51,7 @@ fn native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<wait::WaiterPy>()?;
     m.add_class::<wait::WatchPy>()?;
     m.add_class::<wait::ManualClockPy>()?;
-    m.add_function(wrap_pyfunction!(token::register_reservation_type, m)?)?;
+    m.add_function(wrap_pyfunction!(reservation::register_reservation_type, m)?)?;
     m.add_function(wrap_pyfunction!(wait::register_wait, m)?)?;
     m.add("MAX_RATE", crate::core::MAX_RATE)?;
     m.add("MAX_UNITS", u64::MAX)?;
