@@ -189,10 +189,13 @@ class _Request(Coroutine[Any, Any, _T]):
     """What ``reserve`` / ``reserve_tokens`` return: awaitable, and an async context manager.
 
     It is a coroutine, so ``asyncio.create_task`` takes it; like one, it takes nothing until it
-    is awaited (and one never awaited takes nothing, without a warning).
+    is awaited (and one never awaited takes nothing, without a warning). It is single-use, as a
+    native permit is (spec 11a): one ``await`` or one ``async with``; a second use, or a second
+    task entering it, is a ``RuntimeError`` and takes nothing. An entry whose wait failed (a
+    timeout, a cancellation) held nothing and leaves the request usable again.
     """
 
-    __slots__ = ("_acquire", "_exit", "_held", "_running")
+    __slots__ = ("_acquire", "_entered", "_exit", "_held", "_running")
 
     def __init__(
         self,
@@ -203,9 +206,18 @@ class _Request(Coroutine[Any, Any, _T]):
         self._exit = leave
         self._held: _T | None = None
         self._running: Coroutine[Any, Any, _T] | None = None
+        self._entered = False
+
+    def _refuse_reuse(self) -> None:
+        if self._entered or self._running is not None:
+            raise RuntimeError(
+                "this Redis request was already awaited or entered: it is single-use; "
+                "call reserve() again for another"
+            )
 
     def _coroutine(self) -> Coroutine[Any, Any, _T]:
         if self._running is None:
+            self._refuse_reuse()
             self._running = self._acquire()
         return self._running
 
@@ -226,7 +238,13 @@ class _Request(Coroutine[Any, Any, _T]):
             self._running.close()
 
     async def __aenter__(self) -> _T:
-        self._held = await self._acquire()
+        self._refuse_reuse()
+        self._entered = True  # before the first await: a second task is refused at once
+        try:
+            self._held = await self._acquire()
+        except BaseException:
+            self._entered = False  # nothing is held: the request may be used again
+            raise
         return self._held
 
     async def __aexit__(
