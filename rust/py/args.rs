@@ -30,6 +30,11 @@ pub(crate) fn to_u64(value: &Bound<'_, PyAny>, name: &'static str, max: u64) -> 
 /// becomes the error naming the argument.
 fn index<'py>(value: &Bound<'py, PyAny>, name: &'static str) -> PyResult<Bound<'py, PyInt>> {
     let py = value.py();
+    if is_numpy_bool(value) {
+        // A bool is refused whatever its kind; NumPy before 2.3 still answers `__index__` for
+        // its bools (with a DeprecationWarning), so `np.True_` would count as 1.
+        return Err(not_an_int(value, name));
+    }
     // SAFETY: attached (we hold a `Bound`); `value` is a live object. `PyIndex_Check` reads the
     // type's `nb_index` slot; `PyNumber_Index` returns a new reference to an exact `int`.
     unsafe {
@@ -49,6 +54,17 @@ fn index<'py>(value: &Bound<'py, PyAny>, name: &'static str) -> PyResult<Bound<'
     })?
     .cast_into::<PyInt>()
     .map_err(|_| not_an_int(value, name))
+}
+
+/// Whether `value` is a NumPy bool (`numpy.bool`, named `bool_` before NumPy 2): the cold
+/// path of arguments that are not exact `int`s.
+fn is_numpy_bool(value: &Bound<'_, PyAny>) -> bool {
+    let kind = value.get_type();
+    kind.module()
+        .is_ok_and(|module| module.to_str().is_ok_and(|m| m == "numpy"))
+        && kind
+            .name()
+            .is_ok_and(|n| n.to_str().is_ok_and(|n| n == "bool" || n == "bool_"))
 }
 
 /// The value of an exact `int` in `0..=u64::MAX`, read in a few instructions; `None` for
