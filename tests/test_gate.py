@@ -301,13 +301,14 @@ def test_passes_dropped_in_a_reference_cycle_are_charged_at_the_estimate(sync_ba
 
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
-def test_wait_inf_means_no_timeout(kind):
-    # Issue 12 point 11: wait=inf passed validation, then raised OverflowError when the request
-    # had to wait. It waits, without a timeout, until room is made.
+@pytest.mark.parametrize("wait", [float("inf"), 1e300, 2**64])
+def test_wait_inf_means_no_timeout(kind, wait):
+    # Issue 12 point 11: wait=inf (or a wait too long for any clock) passed validation, then
+    # raised OverflowError when the request had to wait. It waits until room is made.
     from costbound import AtomicTokenBudget
 
     tokens = AtomicTokenBudget(300)
-    gate = Gate(tokens=tokens, wait=float("inf"))
+    gate = Gate(tokens=tokens, wait=wait)
     first = gate.enter_sync(model=None, prompt="x" * 400, max_output_tokens=100)  # 225
     entered = threading.Event()
 
@@ -328,34 +329,6 @@ def test_wait_inf_means_no_timeout(kind):
     assert tokens.available == 300
     with pytest.raises(ValueError, match="wait"):
         Gate(tokens=tokens, wait=float("nan"))
-
-
-@pytest.mark.parametrize("kind", ["sync", "async"])
-@pytest.mark.parametrize("wait", [1e300, 2**64])
-def test_a_huge_finite_wait_waits_without_overflow(kind, wait):
-    # A wait too long for any clock (1e300 s) waits as inf does; it raised OverflowError.
-    from costbound import AtomicTokenBudget
-
-    tokens = AtomicTokenBudget(300)
-    gate = Gate(tokens=tokens, wait=wait)
-    first = gate.enter_sync(model=None, prompt="x" * 400, max_output_tokens=100)  # 225
-    done = threading.Event()
-
-    def second() -> None:
-        if kind == "sync":
-            passed = gate.enter_sync(model=None, prompt="x" * 400, max_output_tokens=100)
-        else:
-            passed = asyncio.run(gate.enter(model=None, prompt="x" * 400, max_output_tokens=100))
-        passed.refund_sync()
-        done.set()
-
-    thread = threading.Thread(target=second)
-    thread.start()
-    assert not done.wait(0.1)  # it waits
-    first.refund_sync()
-    thread.join(20.0)
-    assert done.is_set()
-    assert tokens.available == 300
 
 
 def test_a_wait_beyond_every_float_or_none_is_refused_naming_wait():
