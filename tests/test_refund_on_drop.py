@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from costbound import AtomicTokenBudget, TokenReservation
+from unraisable_support import capture_unraisable, recorder
 
 
 class AttributedTokenBudget(AtomicTokenBudget):
@@ -36,27 +37,6 @@ def no_auto_gc() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
-
-
-@contextlib.contextmanager
-def capture_unraisable() -> Iterator[list[tuple[type[BaseException], str]]]:
-    """Record what is reported through ``sys.unraisablehook`` instead of printing it."""
-    reports: list[tuple[type[BaseException], str]] = []
-
-    def hook(unraisable: Any) -> None:
-        reports.append((unraisable.exc_type, str(unraisable.exc_value)))
-
-    previous = sys.unraisablehook
-    sys.unraisablehook = hook
-    try:
-        yield reports
-    finally:
-        sys.unraisablehook = previous
-
-
-def recorder() -> tuple[list[int], Callable[[int], None]]:
-    calls: list[int] = []
-    return calls, calls.append
 
 
 # --- Native reservations dropped by reference count ----------------------------------------

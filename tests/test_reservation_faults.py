@@ -6,17 +6,17 @@ Anything that could hang or abort runs in a child process with a timeout.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pytest
 from costbound import AtomicBudget, AtomicTokenBudget, TokenReservation, _native
+from unraisable_support import capture_unraisable, recorder
 
 
 def run_child(code: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -31,27 +31,6 @@ def run_child(code: str, timeout: float = 120) -> subprocess.CompletedProcess[st
         )
     except subprocess.TimeoutExpired as expired:
         pytest.fail(f"the child process hung (killed after {timeout} s): {expired.stdout!r}")
-
-
-@contextlib.contextmanager
-def capture_unraisable() -> Iterator[list[tuple[type[BaseException], str]]]:
-    """Record what is reported through ``sys.unraisablehook`` instead of printing it."""
-    reports: list[tuple[type[BaseException], str]] = []
-
-    def hook(unraisable: Any) -> None:
-        reports.append((unraisable.exc_type, str(unraisable.exc_value)))
-
-    previous = sys.unraisablehook
-    sys.unraisablehook = hook
-    try:
-        yield reports
-    finally:
-        sys.unraisablehook = previous
-
-
-def recorder() -> tuple[list[int], Callable[[int], None]]:
-    calls: list[int] = []
-    return calls, calls.append
 
 
 # --- Point 1: no lock is held while a settlement wakes waiters through Python ----------------
